@@ -1,0 +1,1 @@
+# Copyright (c) mmlocal contributors.
