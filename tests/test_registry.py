@@ -1,0 +1,105 @@
+"""Every registered mmlocal name builds under mmdet's and mmseg's scope."""
+import subprocess
+import sys
+
+import pytest
+from mmengine.registry import DefaultScope
+
+import mmlocal.registry as R
+from conftest import REPO
+
+# Minimal build arguments for every registered name. A new registered class
+# without an entry here fails `test_every_registered_name_has_a_build_cfg`.
+BUILD_CFGS = {
+    ('HOOKS', 'PeakMemoryHook'): dict(interval=5),
+}
+
+REGISTRY_NAMES = [
+    name for name in dir(R)
+    if isinstance(getattr(R, name), R.Registry) and not name.startswith('MMENGINE')
+]
+
+
+def _registered():
+    found = []
+    for reg_name in REGISTRY_NAMES:
+        registry = getattr(R, reg_name)
+        registry.import_from_location()
+        found += [(reg_name, key) for key in registry.module_dict]
+    return found
+
+
+def test_all_registries_are_mmlocal_children_of_mmengine_roots():
+    import mmengine.registry as root
+    for reg_name in REGISTRY_NAMES:
+        registry = getattr(R, reg_name)
+        assert registry.scope == 'mmlocal', reg_name
+        assert registry.parent is getattr(root, reg_name), reg_name
+        assert registry.parent.scope == 'mmengine'
+        # every location is importable (a failed import would be swallowed
+        # by mmengine and reported as "not in the registry")
+        for loc in registry._locations:
+            __import__(loc)
+
+
+def test_every_registered_name_has_a_build_cfg():
+    missing = sorted(set(_registered()) - set(BUILD_CFGS))
+    assert not missing, f'add build args to BUILD_CFGS for {missing}'
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+@pytest.mark.parametrize('key', sorted(BUILD_CFGS))
+def test_builds_with_scope_prefix(scope, key):
+    import importlib
+    importlib.import_module(f'{scope}.registry')
+    reg_name, name = key
+    root = getattr(importlib.import_module('mmengine.registry'), reg_name)
+    with DefaultScope.overwrite_default_scope(scope):
+        obj = root.build(dict(type=f'mmlocal.{name}', **BUILD_CFGS[key]))
+    assert type(obj).__name__ == name
+    assert type(obj) is getattr(R, reg_name).get(name)
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_resolves_in_fresh_process_without_custom_imports(scope):
+    """`type='mmlocal.X'` resolves from a stock config scope although
+    mmlocal was never imported (lazy `locations`)."""
+    code = f"""
+import sys
+from mmengine.registry import HOOKS, init_default_scope
+init_default_scope('{scope}')
+assert 'mmlocal' not in sys.modules
+hook = HOOKS.build(dict(type='mmlocal.PeakMemoryHook', interval=3))
+assert type(hook).__module__.startswith('mmlocal.'), type(hook)
+assert hook.interval == 3
+print('OK')
+"""
+    proc = subprocess.run([sys.executable, '-c', code], cwd='/',
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'OK' in proc.stdout
+
+
+def test_unscoped_name_needs_prefix_under_mmdet_scope():
+    """Documented behaviour: a sibling scope needs the `mmlocal.` prefix."""
+    from mmengine.registry import HOOKS
+    import mmdet.registry  # noqa: F401
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        with pytest.raises(KeyError, match='PeakMemoryHook'):
+            HOOKS.build(dict(type='PeakMemoryHook'))
+
+
+def test_register_all_modules_sets_scope():
+    from mmlocal.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    assert R.HOOKS.get('PeakMemoryHook') is not None
+    assert 'mmlocal' in sys.modules
+
+
+def test_package_import_is_light():
+    code = ('import sys, mmlocal; heavy = [m for m in ("torch", "mmdet", '
+            '"mmseg", "mmengine") if m in sys.modules]; print(heavy)')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == '[]'
