@@ -28,7 +28,7 @@ model = dict(
 
 max_iters = 300
 train_cfg = dict(
-    _delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
+    type='IterBasedTrainLoop', max_iters=max_iters,
     val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
