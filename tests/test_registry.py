@@ -3,15 +3,36 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from mmengine.config import ConfigDict
 from mmengine.registry import DefaultScope
 
 import mmlocal.registry as R
 from conftest import REPO
+from local_utils import TINY_RETINANET, small_aux
 
 # Minimal build arguments for every registered name. A new registered class
 # without an entry here fails `test_every_registered_name_has_a_build_cfg`.
+def _info(task='det'):
+    from mmlocal.models.local.aux import LocalModuleInfo
+    return LocalModuleInfo(
+        index=0, num_modules=2, in_channels=8, stride=8, task=task,
+        num_classes=3, img_mean=torch.zeros(3, 1, 1),
+        img_std=torch.ones(3, 1, 1))
+
+
 BUILD_CFGS = {
-    ('HOOKS', 'PeakMemoryHook'): dict(interval=5),
+    ('HOOKS', 'PeakMemoryHook'): lambda: dict(interval=5),
+    ('MODELS', 'LocalLearner'): lambda: dict(
+        model=ConfigDict(TINY_RETINANET), num_modules=2,
+        aux=small_aux()),
+    ('MODELS', 'InfoProAux'): lambda: dict(module_info=_info()),
+    ('MODELS', 'DGLAux'): lambda: dict(module_info=_info('seg')),
+    ('MODELS', 'DetAuxHead'): lambda: dict(
+        in_channels=8, stride=4, num_classes=2, feat_channels=8),
+    ('MODELS', 'SegAuxHead'): lambda: dict(
+        in_channels=8, num_classes=2, channels=8),
+    ('MODELS', 'ReconDecoder'): lambda: dict(in_channels=8, stride=8),
 }
 
 REGISTRY_NAMES = [
@@ -55,7 +76,7 @@ def test_builds_with_scope_prefix(scope, key):
     reg_name, name = key
     root = getattr(importlib.import_module('mmengine.registry'), reg_name)
     with DefaultScope.overwrite_default_scope(scope):
-        obj = root.build(dict(type=f'mmlocal.{name}', **BUILD_CFGS[key]))
+        obj = root.build(dict(type=f'mmlocal.{name}', **BUILD_CFGS[key]()))
     assert type(obj).__name__ == name
     assert type(obj) is getattr(R, reg_name).get(name)
 
@@ -90,6 +111,7 @@ def test_unscoped_name_needs_prefix_under_mmdet_scope():
 
 
 def test_register_all_modules_sets_scope():
+    import sys
     from mmlocal.utils import register_all_modules
     register_all_modules(init_default_scope=False)
     assert R.HOOKS.get('PeakMemoryHook') is not None

@@ -1,1 +1,1 @@
-# Copyright (c) mmlocal contributors.
+from .local import *  # noqa: F401,F403

@@ -1,0 +1,3 @@
+_base_ = './infopro_atss_r50_fpn_k2_8xb2-1x_coco.py'
+
+model = dict(aux=dict(_delete_=True, type='mmlocal.DGLAux'))

@@ -1,0 +1,8 @@
+from .base import BaseLocalAux, LocalModuleInfo, interpolate_weight
+from .dgl import DGLAux
+from .infopro import InfoProAux
+
+__all__ = [
+    'BaseLocalAux', 'LocalModuleInfo', 'interpolate_weight', 'DGLAux',
+    'InfoProAux'
+]

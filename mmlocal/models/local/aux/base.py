@@ -1,0 +1,163 @@
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModule
+
+from mmlocal.registry import MODELS
+
+
+@dataclass
+class LocalModuleInfo:
+    """What an auxiliary network knows about the module it trains.
+
+    Attributes:
+        index (int): ``k``, the module index (0-based).
+        num_modules (int): ``K``; module ``K-1`` is trained by the model's own
+            loss and has no auxiliary network.
+        in_channels (int): Channels of the module output ``h_k``.
+        stride (int): Stride of ``h_k`` w.r.t. the input image.
+        task (str): ``'det'`` or ``'seg'``.
+        num_classes (int): Classes of the wrapped model.
+        next_block (nn.Module, optional): The first block of module k+1
+            (MAN's EMA source); not owned by the aux net.
+        img_mean, img_std (Tensor): ``(3, 1, 1)`` normalisation of the
+            wrapped model's data preprocessor, to recover the image.
+        ignore_index (int): Ignored label of a segmentor.
+    """
+    index: int
+    num_modules: int
+    in_channels: int
+    stride: int
+    task: str
+    num_classes: int
+    next_block: Optional[nn.Module] = None
+    img_mean: Optional[torch.Tensor] = None
+    img_std: Optional[torch.Tensor] = None
+    ignore_index: int = 255
+    extra: dict = field(default_factory=dict)
+
+
+def interpolate_weight(weight, index, num_modules):
+    """InfoPro's linear schedule of a loss weight across local modules.
+
+    ``lambda_k = v1 * (1 - r) + v2 * r`` with ``r = k / (K - 2)``: ``v1`` at the
+    first module, ``v2`` at the last one that has an auxiliary net (``K-2``).
+
+    Args:
+        weight (float | tuple[float, float]): A constant or ``(v1, v2)``.
+    """
+    if isinstance(weight, (int, float)):
+        return float(weight)
+    v1, v2 = weight
+    ratio = index / (num_modules - 2) if num_modules > 2 else 0.0
+    return float(v1) * (1 - ratio) + float(v2) * ratio
+
+
+class BaseLocalAux(BaseModule):
+    """Base of every auxiliary family: ``y = transform(h)`` -> local loss.
+
+    A family differs from another only in :meth:`build_transform` (what turns
+    the module output ``h`` into the auxiliary input ``y``) and in which loss
+    terms it weights how; the task-aware heads are shared:
+
+    - detection: :class:`DetAuxHead` (a light dense head with its own priors,
+      mmdet assigner and losses) on ``y``;
+    - segmentation: :class:`SegAuxHead` (FCN + CE) on ``y``;
+    - optionally (InfoPro and its descendants) a :class:`ReconDecoder`.
+
+    Args:
+        module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
+        task_weight (float | tuple): Weight of the task loss, constant or
+            ``(first, last)`` interpolated as InfoPro does. Default 1.
+        recon_weight (float | tuple, optional): Weight of the reconstruction
+            loss; ``None`` or 0 builds no decoder.
+        det_head (dict, optional): Overrides for :class:`DetAuxHead`.
+        seg_head (dict, optional): Overrides for :class:`SegAuxHead`.
+        recon (dict, optional): Overrides for :class:`ReconDecoder`.
+    """
+
+    def __init__(self,
+                 module_info,
+                 task_weight=1.0,
+                 recon_weight=None,
+                 det_head=None,
+                 seg_head=None,
+                 recon=None,
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        if module_info.task not in ('det', 'seg'):
+            raise ValueError(f'unknown task {module_info.task!r}')
+        self.index = module_info.index
+        self.num_modules = module_info.num_modules
+        self.task = module_info.task
+        self.task_weight = interpolate_weight(task_weight, self.index,
+                                              self.num_modules)
+        recon_w = interpolate_weight(recon_weight or 0.0, self.index,
+                                     self.num_modules)
+        self.recon_weight = recon_w
+        if module_info.img_mean is not None:
+            self.register_buffer('img_mean', module_info.img_mean.clone(),
+                                 persistent=False)
+            self.register_buffer('img_std', module_info.img_std.clone(),
+                                 persistent=False)
+        else:
+            self.img_mean = self.img_std = None
+
+        y_channels, y_stride = self.build_transform(module_info)
+        if self.task == 'det':
+            cfg = dict(type='mmlocal.DetAuxHead', in_channels=y_channels,
+                       stride=y_stride, num_classes=module_info.num_classes)
+            cfg.update(copy.deepcopy(det_head or {}))
+        else:
+            cfg = dict(type='mmlocal.SegAuxHead', in_channels=y_channels,
+                       num_classes=module_info.num_classes,
+                       ignore_index=module_info.ignore_index)
+            cfg.update(copy.deepcopy(seg_head or {}))
+        self.task_head = MODELS.build(cfg)
+        self.recon = None
+        if recon_w > 0:
+            if self.img_mean is None:
+                raise ValueError('recon_weight > 0 needs the data '
+                                 'preprocessor mean/std of the model')
+            rcfg = dict(type='mmlocal.ReconDecoder', in_channels=y_channels,
+                        stride=y_stride)
+            rcfg.update(copy.deepcopy(recon or {}))
+            self.recon = MODELS.build(rcfg)
+
+    # -- what a family changes -------------------------------------------
+    def build_transform(self, module_info):
+        """Build the ``h -> y`` transform; return ``(channels, stride)``."""
+        return module_info.in_channels, module_info.stride
+
+    def transform(self, h):
+        """``y`` from the module output ``h``. Default: ``y = h``."""
+        return h
+
+    # -- shared ------------------------------------------------------------
+    def image01(self, inputs):
+        """The input image back in [0, 1] (InfoPro's reconstruction target)."""
+        return (inputs * self.img_std + self.img_mean) / 255.0
+
+    def loss(self, h, inputs, data_samples):
+        """Local losses of module ``k`` (already weighted).
+
+        Args:
+            h (Tensor): The module output (attached to module k's graph).
+            inputs (Tensor): The preprocessed batch (normalised images).
+            data_samples (list): mmdet/mmseg data samples with the GT.
+
+        Returns:
+            dict[str, Tensor]: loss terms; their sum is back-propagated.
+        """
+        y = self.transform(h)
+        losses = {}
+        for name, value in self.task_head.loss(y, inputs,
+                                               data_samples).items():
+            losses[name] = value * self.task_weight
+        if self.recon is not None:
+            losses['loss_recon'] = self.recon_weight * self.recon.loss(
+                y, self.image01(inputs))
+        return losses

@@ -1,0 +1,132 @@
+import copy
+
+import torch.nn as nn
+from mmcv.cnn import ConvModule
+from mmengine.model import BaseModule
+
+from mmlocal.registry import MODELS
+
+# RetinaNet's assignment, as MAN++'s COCO auxiliary head uses it.
+_DEFAULT_TRAIN_CFG = dict(
+    assigner=dict(
+        type='MaxIoUAssigner',
+        pos_iou_thr=0.5,
+        neg_iou_thr=0.4,
+        min_pos_iou=0,
+        ignore_iof_thr=-1),
+    sampler=dict(type='PseudoSampler'),
+    allowed_border=-1,
+    pos_weight=-1,
+    debug=False)
+
+
+@MODELS.register_module()
+class DetAuxHead(BaseModule):
+    """A light dense detection head that trains one local module.
+
+    Follows the auxiliary detection head of MAN++'s COCO RetinaNet
+    (Su et al., TPAMI 2026): a 1x1 projection of the module's feature ``y``,
+    stride-2 3x3 convs for further pyramid levels, and a RetinaNet head with
+    2 stacked convs (the main head has 4), its own anchors, focal loss and
+    box regression, assigned with mmdet's ``MaxIoUAssigner``.
+
+    Level ``l`` has stride ``max(stride, min_stride) * 2**l``; a feature finer
+    than ``min_stride`` is first brought there by stride-2 convs (anchors at
+    stride 4 would multiply the head's cost for little signal).
+
+    Args:
+        in_channels (int): Channels of ``y``.
+        stride (int): Stride of ``y`` w.r.t. the input image.
+        num_classes (int): Number of object classes.
+        feat_channels (int): Width of the projection and head. Default 128.
+        num_levels (int): Pyramid levels the head predicts on. Default 2.
+        min_stride (int): Finest stride used. Default 8.
+        head (dict): Config of the mmdet dense head; ``in_channels``,
+            ``feat_channels``, ``num_classes`` and the anchor strides are
+            filled in. Default: ``mmdet.RetinaHead`` with 2 stacked convs.
+        train_cfg (dict): Assigner/sampler config of the head.
+        norm_cfg (dict): Norm of the projection convs. Default BN.
+    """
+
+    def __init__(self,
+                 in_channels,
+                 stride,
+                 num_classes,
+                 feat_channels=128,
+                 num_levels=2,
+                 min_stride=8,
+                 head=None,
+                 train_cfg=None,
+                 norm_cfg=dict(type='BN'),
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        if num_levels < 1:
+            raise ValueError(f'num_levels={num_levels} must be >= 1')
+        self.in_channels = in_channels
+        self.stride = stride
+        self.num_classes = num_classes
+
+        self.input_proj = ConvModule(
+            in_channels, feat_channels, 1, norm_cfg=norm_cfg)
+        downs = []
+        first_stride = stride
+        while first_stride < min_stride:
+            downs.append(
+                ConvModule(feat_channels, feat_channels, 3, stride=2,
+                           padding=1, norm_cfg=norm_cfg))
+            first_stride *= 2
+        self.to_first_level = nn.Sequential(*downs)
+        self.level_convs = nn.ModuleList([
+            ConvModule(feat_channels, feat_channels, 3, stride=2, padding=1,
+                       norm_cfg=norm_cfg) for _ in range(num_levels - 1)
+        ])
+        self.strides = [first_stride * 2**i for i in range(num_levels)]
+
+        head = copy.deepcopy(head) if head is not None else dict(
+            type='mmdet.RetinaHead',
+            stacked_convs=2,
+            anchor_generator=dict(
+                type='mmdet.AnchorGenerator',
+                octave_base_scale=4,
+                scales_per_octave=3,
+                ratios=[0.5, 1.0, 2.0]),
+            bbox_coder=dict(
+                type='mmdet.DeltaXYWHBBoxCoder',
+                target_means=[.0, .0, .0, .0],
+                target_stds=[1.0, 1.0, 1.0, 1.0]),
+            loss_cls=dict(
+                type='mmdet.FocalLoss',
+                use_sigmoid=True,
+                gamma=2.0,
+                alpha=0.25,
+                loss_weight=1.0),
+            loss_bbox=dict(type='mmdet.L1Loss', loss_weight=1.0))
+        head.update(
+            num_classes=num_classes,
+            in_channels=feat_channels,
+            feat_channels=feat_channels,
+            train_cfg=copy.deepcopy(train_cfg or _DEFAULT_TRAIN_CFG))
+        if 'anchor_generator' in head:
+            head['anchor_generator']['strides'] = list(self.strides)
+        elif 'prior_generator' in head:
+            head['prior_generator']['strides'] = list(self.strides)
+        # nested builds (anchors, coder, losses, assigner) run in mmdet scope
+        head.setdefault('_scope_', 'mmdet')
+        self.head = MODELS.build(head)
+
+    def forward(self, y):
+        """Return the pyramid the dense head predicts on."""
+        x = self.to_first_level(self.input_proj(y))
+        feats = [x]
+        for conv in self.level_convs:
+            feats.append(conv(feats[-1]))
+        return tuple(feats)
+
+    def loss(self, y, inputs, data_samples):
+        """Detection losses of ``y`` against the GT instances."""
+        losses = self.head.loss(self(y), data_samples)
+        # mmdet returns per-level lists; sum them to one term per kind
+        return {
+            name: sum(value) if isinstance(value, (list, tuple)) else value
+            for name, value in losses.items()
+        }

@@ -1,0 +1,60 @@
+import copy
+
+from mmengine.model import BaseModule
+
+from mmlocal.registry import MODELS
+
+
+@MODELS.register_module()
+class SegAuxHead(BaseModule):
+    """FCN-style local segmentation head (InfoPro's Cityscapes design).
+
+    InfoPro (Wang et al., ICLR 2021) trains its first DeepLabV3 module with
+    ``Conv3x3 -> BN -> ReLU -> Dropout2d(0.1) -> Conv1x1`` on the module's
+    feature and a pixel-wise cross-entropy (ignore index 255) on logits
+    upsampled to the label size. That is mmseg's ``FCNHead`` with one conv,
+    which is built here so mmseg's loss, resizing and ignore handling apply.
+
+    Args:
+        in_channels (int): Channels of ``y``.
+        num_classes (int): Number of classes of the segmentor.
+        channels (int): Width of the conv. Default 256 (InfoPro: 512).
+        head (dict, optional): Overrides for the mmseg head config.
+        norm_cfg (dict): Norm config. Default BN.
+        align_corners (bool): As the main decode head. Default False.
+        ignore_index (int): Ignored label. Default 255.
+    """
+
+    def __init__(self,
+                 in_channels,
+                 num_classes,
+                 channels=256,
+                 head=None,
+                 norm_cfg=dict(type='BN', requires_grad=True),
+                 align_corners=False,
+                 ignore_index=255,
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        cfg = dict(
+            type='mmseg.FCNHead',
+            in_channels=in_channels,
+            in_index=0,
+            channels=channels,
+            num_convs=1,
+            concat_input=False,
+            dropout_ratio=0.1,
+            num_classes=num_classes,
+            norm_cfg=norm_cfg,
+            align_corners=align_corners,
+            ignore_index=ignore_index,
+            loss_decode=dict(
+                type='mmseg.CrossEntropyLoss', use_sigmoid=False,
+                loss_weight=1.0, avg_non_ignore=True))
+        cfg.update(copy.deepcopy(head or {}))
+        cfg.setdefault('_scope_', 'mmseg')
+        self.head = MODELS.build(cfg)
+
+    def loss(self, y, inputs, data_samples):
+        losses = self.head.loss([y], data_samples, None)
+        # accuracy is a metric, not a loss: keep it out of the sum
+        return {k: v for k, v in losses.items() if k.startswith('loss')}

@@ -1,0 +1,133 @@
+"""Tiny local-learning models and random batches for tests."""
+import torch
+from mmengine.optim import OptimWrapper
+
+TINY_RETINANET = dict(
+    type='mmdet.RetinaNet',
+    data_preprocessor=dict(
+        type='mmdet.DetDataPreprocessor',
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=True,
+        pad_size_divisor=32),
+    backbone=dict(
+        type='mmdet.ResNet', depth=18, num_stages=4, out_indices=(1, 2, 3),
+        frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=False, style='pytorch', init_cfg=None),
+    neck=dict(type='mmdet.FPN', in_channels=[128, 256, 512],
+              out_channels=32, start_level=0, add_extra_convs='on_input',
+              num_outs=3),
+    bbox_head=dict(
+        type='mmdet.RetinaHead', num_classes=2, in_channels=32,
+        stacked_convs=1, feat_channels=32,
+        anchor_generator=dict(type='mmdet.AnchorGenerator',
+                              octave_base_scale=4, scales_per_octave=2,
+                              ratios=[1.0], strides=[8, 16, 32]),
+        bbox_coder=dict(type='mmdet.DeltaXYWHBBoxCoder',
+                        target_means=[.0, .0, .0, .0],
+                        target_stds=[1.0, 1.0, 1.0, 1.0]),
+        loss_cls=dict(type='mmdet.FocalLoss', use_sigmoid=True, gamma=2.0,
+                      alpha=0.25, loss_weight=1.0),
+        loss_bbox=dict(type='mmdet.L1Loss', loss_weight=1.0)),
+    train_cfg=dict(
+        assigner=dict(type='mmdet.MaxIoUAssigner', pos_iou_thr=0.5,
+                      neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1),
+        sampler=dict(type='mmdet.PseudoSampler'), allowed_border=-1,
+        pos_weight=-1, debug=False),
+    test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0,
+                  nms=dict(type='nms', iou_threshold=0.5), max_per_img=20))
+
+TINY_FCN = dict(
+    type='mmseg.EncoderDecoder',
+    data_preprocessor=dict(
+        type='mmseg.SegDataPreProcessor', mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
+        seg_pad_val=255, size=(64, 64)),
+    backbone=dict(
+        type='mmseg.ResNetV1c', depth=18, num_stages=4,
+        out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
+        strides=(1, 2, 1, 1), norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=False, style='pytorch', contract_dilation=True),
+    decode_head=dict(
+        type='mmseg.FCNHead', in_channels=512, in_index=3, channels=16,
+        num_convs=1, concat_input=False, dropout_ratio=0.0, num_classes=3,
+        norm_cfg=dict(type='BN', requires_grad=True), align_corners=False,
+        loss_decode=dict(type='mmseg.CrossEntropyLoss', use_sigmoid=False,
+                         loss_weight=1.0)),
+    auxiliary_head=dict(
+        type='mmseg.FCNHead', in_channels=256, in_index=2, channels=8,
+        num_convs=1, concat_input=False, dropout_ratio=0.0, num_classes=3,
+        norm_cfg=dict(type='BN', requires_grad=True), align_corners=False,
+        loss_decode=dict(type='mmseg.CrossEntropyLoss', use_sigmoid=False,
+                         loss_weight=0.4)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+
+
+
+def det_batch(n=2, size=64, seed=0):
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(n):
+        inputs.append(torch.randint(0, 256, (3, size, size), generator=g,
+                                    dtype=torch.uint8))
+        xy = torch.randint(0, size // 2, (3, 2), generator=g).float()
+        wh = torch.randint(8, size // 2, (3, 2), generator=g).float()
+        sample = DetDataSample(metainfo=dict(
+            img_shape=(size, size), ori_shape=(size, size),
+            scale_factor=(1., 1.), pad_shape=(size, size)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.cat([xy, (xy + wh).clamp(max=size)], 1),
+            labels=torch.randint(0, 2, (3, ), generator=g))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def seg_batch(n=2, size=64, seed=0, num_classes=3):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    g = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(n):
+        inputs.append(torch.randint(0, 256, (3, size, size), generator=g,
+                                    dtype=torch.uint8))
+        label = torch.randint(0, num_classes, (1, size, size), generator=g)
+        label[:, :4] = 255
+        sample = SegDataSample(metainfo=dict(
+            img_shape=(size, size), ori_shape=(size, size),
+            pad_shape=(size, size)))
+        sample.gt_sem_seg = PixelData(data=label)
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+class KeepGradsOptimWrapper(OptimWrapper):
+    """Never steps or zeroes: gradients stay for inspection."""
+
+    def step(self, **kwargs):
+        pass
+
+    def zero_grad(self, **kwargs):
+        pass
+
+
+def grads(module):
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in module.named_parameters() if p.requires_grad
+    }
+
+
+def small_aux(type='mmlocal.InfoProAux', **kwargs):
+    """An auxiliary config with narrow heads (fast tests, no dropout)."""
+    cfg = dict(
+        type=type,
+        det_head=dict(feat_channels=16),
+        seg_head=dict(channels=16, head=dict(dropout_ratio=0.0)),
+        recon=dict(channels=16))
+    if type.endswith('DGLAux'):
+        cfg['channels'] = 16
+    cfg.update(kwargs)
+    return cfg
