@@ -1,0 +1,28 @@
+"""Minimal build arguments of mmlocal's core registered names."""
+import torch
+from mmengine.config import ConfigDict
+
+from local_utils import TINY_RETINANET, small_aux
+
+
+def _info(task='det'):
+    from mmlocal.models.local.aux import LocalModuleInfo
+    return LocalModuleInfo(
+        index=0, num_modules=2, in_channels=8, stride=8, task=task,
+        num_classes=3, img_mean=torch.zeros(3, 1, 1),
+        img_std=torch.ones(3, 1, 1))
+
+
+BUILD_CFGS = {
+    ('HOOKS', 'PeakMemoryHook'): lambda: dict(interval=5),
+    ('MODELS', 'LocalLearner'): lambda: dict(
+        model=ConfigDict(TINY_RETINANET), num_modules=2,
+        aux=small_aux()),
+    ('MODELS', 'InfoProAux'): lambda: dict(module_info=_info()),
+    ('MODELS', 'DGLAux'): lambda: dict(module_info=_info('seg')),
+    ('MODELS', 'DetAuxHead'): lambda: dict(
+        in_channels=8, stride=4, num_classes=2, feat_channels=8),
+    ('MODELS', 'SegAuxHead'): lambda: dict(
+        in_channels=8, num_classes=2, channels=8),
+    ('MODELS', 'ReconDecoder'): lambda: dict(in_channels=8, stride=8),
+}
