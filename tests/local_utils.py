@@ -64,7 +64,6 @@ TINY_FCN = dict(
     test_cfg=dict(mode='whole'))
 
 
-
 def det_batch(n=2, size=64, seed=0):
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData

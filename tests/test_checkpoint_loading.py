@@ -19,7 +19,8 @@ def runner_like_ckpt(tmp_path):
         dict(
             meta=dict(iter=2, seed=np.int64(3)),
             state_dict=dict(w=torch.ones(2)),
-            message_hub=dict(log_scalars=dict(loss=HistoryBuffer([1.0], [1])))),
+            message_hub=dict(
+                log_scalars=dict(loss=HistoryBuffer([1.0], [1])))),
         path)
     return str(path)
 

@@ -260,3 +260,13 @@ def test_attached_stage_gets_neck_gradient():
     # module 1 = blocks 2, 3 = layer2: its aux is silenced, so gradient can
     # only have come from the neck through the attached C3
     assert any(torch.count_nonzero(g[n]) for n in module_params(learner, 1))
+
+
+def test_init_weights_reaches_aux_heads():
+    """The aux dense head gets RetinaNet's focal-loss prior like the main
+    head (regression: aux nets in a torch ModuleList were skipped)."""
+    learner = build(num_modules=2)
+    prior = learner.model.bbox_head.retina_cls.bias.detach()
+    aux_bias = learner.aux_nets[0].task_head.head.retina_cls.bias.detach()
+    torch.testing.assert_close(aux_bias, torch.full_like(aux_bias,
+                                                         float(prior[0])))

@@ -1,6 +1,5 @@
 """BlockSequence / plan_split / module_output_info on real mmdet and mmseg
 backbones (CPU, tiny inputs)."""
-import copy
 
 import pytest
 import torch

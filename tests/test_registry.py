@@ -8,8 +8,9 @@ from mmengine.registry import DefaultScope
 import mmlocal.registry as R
 from conftest import REPO
 
-# Minimal build arguments for every registered name live in tests/build_cfgs_*.py;
-# a new registered class without an entry there fails
+
+# Minimal build arguments of every registered name live in
+# tests/build_cfgs_*.py; a registered class without an entry there fails
 # `test_every_registered_name_has_a_build_cfg`.
 def _collect_build_cfgs():
     """Merge ``BUILD_CFGS`` of every ``tests/build_cfgs_*.py`` file.
@@ -35,7 +36,8 @@ BUILD_CFGS = _collect_build_cfgs()
 
 REGISTRY_NAMES = [
     name for name in dir(R)
-    if isinstance(getattr(R, name), R.Registry) and not name.startswith('MMENGINE')
+    if isinstance(getattr(R, name), R.Registry)
+    and not name.startswith('MMENGINE')
 ]
 
 

@@ -2,9 +2,8 @@ import copy
 from collections import OrderedDict
 from contextlib import contextmanager
 
-import torch
 import torch.nn as nn
-from mmengine.model import BaseModel
+from mmengine.model import BaseModel, ModuleList
 
 from mmlocal.engine.optim_wrappers import (check_local_optim_wrapper,
                                            local_backward)
@@ -165,7 +164,8 @@ class LocalLearner(BaseModel):
                         'auxiliary family (e.g. mmlocal.InfoProAux, '
                         'mmlocal.DGLAux)') from exc
                 raise
-        self.aux_nets = nn.ModuleList(aux_nets)
+        # mmengine's ModuleList: init_weights reaches the aux heads' init_cfg
+        self.aux_nets = ModuleList(aux_nets)
 
     # ------------------------------------------------------------------
     # inference: exactly the wrapped model

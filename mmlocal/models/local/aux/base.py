@@ -43,8 +43,9 @@ class LocalModuleInfo:
 def interpolate_weight(weight, index, num_modules):
     """InfoPro's linear schedule of a loss weight across local modules.
 
-    ``lambda_k = v1 * (1 - r) + v2 * r`` with ``r = k / (K - 2)``: ``v1`` at the
-    first module, ``v2`` at the last one that has an auxiliary net (``K-2``).
+    ``lambda_k = v1 * (1 - r) + v2 * r`` with ``r = k / (K - 2)``: ``v1`` at
+    the first module, ``v2`` at the last one that has an auxiliary net
+    (``K-2``).
 
     Args:
         weight (float | tuple[float, float]): A constant or ``(v1, v2)``.

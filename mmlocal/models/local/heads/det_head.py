@@ -1,8 +1,7 @@
 import copy
 
-import torch.nn as nn
 from mmcv.cnn import ConvModule
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, ModuleList, Sequential
 
 from mmlocal.registry import MODELS
 
@@ -75,8 +74,8 @@ class DetAuxHead(BaseModule):
                 ConvModule(feat_channels, feat_channels, 3, stride=2,
                            padding=1, norm_cfg=norm_cfg))
             first_stride *= 2
-        self.to_first_level = nn.Sequential(*downs)
-        self.level_convs = nn.ModuleList([
+        self.to_first_level = Sequential(*downs)
+        self.level_convs = ModuleList([
             ConvModule(feat_channels, feat_channels, 3, stride=2, padding=1,
                        norm_cfg=norm_cfg) for _ in range(num_levels - 1)
         ])

@@ -1,0 +1,3 @@
+from .aiou_loss import AIoULoss, aiou_loss
+
+__all__ = ['AIoULoss', 'aiou_loss']
