@@ -130,3 +130,25 @@ def small_aux(type='mmlocal.InfoProAux', **kwargs):
         cfg['channels'] = 16
     cfg.update(kwargs)
     return cfg
+
+
+TINY_YOLOX = dict(
+    type='mmdet.YOLOX',
+    data_preprocessor=dict(type='mmdet.DetDataPreprocessor',
+                           pad_size_divisor=32),
+    backbone=dict(type='mmdet.CSPDarknet', deepen_factor=0.33,
+                  widen_factor=0.125, out_indices=(2, 3, 4),
+                  use_depthwise=False, spp_kernal_sizes=(5, 9, 13),
+                  norm_cfg=dict(type='BN', momentum=0.03, eps=0.001),
+                  act_cfg=dict(type='Swish')),
+    neck=dict(type='mmdet.YOLOXPAFPN', in_channels=[32, 64, 128],
+              out_channels=32, num_csp_blocks=1,
+              norm_cfg=dict(type='BN', momentum=0.03, eps=0.001),
+              act_cfg=dict(type='Swish')),
+    bbox_head=dict(type='mmdet.YOLOXHead', num_classes=2, in_channels=32,
+                   feat_channels=32, stacked_convs=1, strides=(8, 16, 32),
+                   norm_cfg=dict(type='BN', momentum=0.03, eps=0.001),
+                   act_cfg=dict(type='Swish')),
+    train_cfg=dict(assigner=dict(type='mmdet.SimOTAAssigner',
+                                 center_radius=2.5)),
+    test_cfg=dict(score_thr=0.01, nms=dict(type='nms', iou_threshold=0.65)))

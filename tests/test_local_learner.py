@@ -7,8 +7,9 @@ from mmengine.config import ConfigDict
 from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 
-from local_utils import (TINY_FCN, TINY_RETINANET, KeepGradsOptimWrapper,
-                         det_batch, grads, seg_batch, small_aux)
+from local_utils import (TINY_FCN, TINY_RETINANET, TINY_YOLOX,
+                         KeepGradsOptimWrapper, det_batch, grads, seg_batch,
+                         small_aux)
 from mmlocal.registry import MODELS
 
 
@@ -64,10 +65,13 @@ def reference_grads(learner, batch):
 
 
 @pytest.mark.parametrize('aux', ['mmlocal.InfoProAux', 'mmlocal.DGLAux'])
-@pytest.mark.parametrize('task', ['det', 'seg'])
+@pytest.mark.parametrize('task', ['det', 'seg', 'det-csp'])
 def test_gradients_equal_summed_reference(task, aux):
     if task == 'det':
         learner = build(aux=small_aux(aux))
+        batch = det_batch()
+    elif task == 'det-csp':  # YOLOX: CSPDarknet split at stage children
+        learner = build(TINY_YOLOX, num_modules=3, aux=small_aux(aux))
         batch = det_batch()
     else:
         learner = build(TINY_FCN, 'mmseg', num_modules=2, aux=small_aux(aux))

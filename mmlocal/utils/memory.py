@@ -101,7 +101,9 @@ class PeakMemoryMeter:
       user-created thread; not ATen's intra-op pool, nor autograd on the CPU,
       which runs on the calling thread) are not seen.
     - It cannot run inside another active profiler (a ``RuntimeError``
-      says so), and adds roughly 5-25 % run time to an op-heavy step.
+      says so). It costs a few per cent of run time (about 2 % on a
+      ResNet-50 training step at 2x3x512x512) plus a fraction of a second
+      to replay the events on exit.
     - Importing this module sets ``KINETO_LOG_LEVEL=6`` (unless set) to keep
       the profiler from printing a few log lines per run.
 

@@ -2,6 +2,7 @@ import copy
 from collections import OrderedDict
 from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 from mmengine.model import BaseModel, ModuleList
 
@@ -135,6 +136,8 @@ class LocalLearner(BaseModel):
         num_classes, ignore_index = _num_classes(inner, self.task)
         mean = getattr(self.data_preprocessor, 'mean', None)
         std = getattr(self.data_preprocessor, 'std', None)
+        if mean is None or std is None:  # no normalisation: raw 0..255
+            mean, std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
         infos = module_output_info(self._seq, self.module_ranges)
         if self.num_modules > 1 and not (isinstance(aux, dict)
                                          and 'type' in aux):
