@@ -26,3 +26,17 @@ BUILD_CFGS = {
         in_channels=8, num_classes=2, channels=8),
     ('MODELS', 'ReconDecoder'): lambda: dict(in_channels=8, stride=8),
 }
+
+
+def _info_with_next():
+    info = _info()
+    info.next_block = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    info.next_out_channels, info.next_stride = 16, 16
+    return info
+
+
+BUILD_CFGS.update({
+    ('MODELS', 'MomentumAux'): lambda: dict(
+        module_info=_info_with_next(), learnable_scale=True),
+    ('HOOKS', 'MomentumAuxHook'): lambda: dict(),
+})

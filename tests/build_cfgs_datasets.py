@@ -34,20 +34,25 @@ def voc_xml(filename, size, objects):
         objects (list): ``(name, (xmin, ymin, xmax, ymax), difficult)``
             tuples, 1-based VOC corners.
     """
-    lines = ['<annotation>', '  <folder>JPEGImages</folder>',
-             f'  <filename>{filename}</filename>']
+    lines = [
+        '<annotation>', '  <folder>JPEGImages</folder>',
+        f'  <filename>{filename}</filename>'
+    ]
     if size is not None:
-        lines += ['  <size>', f'    <width>{size[0]}</width>',
-                  f'    <height>{size[1]}</height>', '    <depth>3</depth>',
-                  '  </size>']
+        lines += [
+            '  <size>', f'    <width>{size[0]}</width>',
+            f'    <height>{size[1]}</height>', '    <depth>3</depth>',
+            '  </size>'
+        ]
     for name, (x1, y1, x2, y2), difficult in objects:
-        lines += ['  <object>', f'    <name>{name}</name>',
-                  '    <pose>Unspecified</pose>',
-                  '    <truncated>0</truncated>',
-                  f'    <difficult>{difficult}</difficult>',
-                  '    <bndbox>', f'      <xmin>{x1}</xmin>',
-                  f'      <ymin>{y1}</ymin>', f'      <xmax>{x2}</xmax>',
-                  f'      <ymax>{y2}</ymax>', '    </bndbox>', '  </object>']
+        lines += [
+            '  <object>', f'    <name>{name}</name>',
+            '    <pose>Unspecified</pose>', '    <truncated>0</truncated>',
+            f'    <difficult>{difficult}</difficult>', '    <bndbox>',
+            f'      <xmin>{x1}</xmin>', f'      <ymin>{y1}</ymin>',
+            f'      <xmax>{x2}</xmax>', f'      <ymax>{y2}</ymax>',
+            '    </bndbox>', '  </object>'
+        ]
     lines.append('</annotation>')
     return '\n'.join(lines) + '\n'
 
@@ -69,8 +74,9 @@ def write_soda(root, images, splits, xml_text=None, no_image=()):
     os.makedirs(osp.join(root, 'ImageSets', 'Main'), exist_ok=True)
     for seed, (img_id, (width, height, objects)) in enumerate(images.items()):
         if img_id not in no_image:
-            write_image(osp.join(root, 'JPEGImages', f'{img_id}.jpg'), width,
-                        height, seed)
+            write_image(
+                osp.join(root, 'JPEGImages', f'{img_id}.jpg'), width, height,
+                seed)
         text = xml_text.get(img_id) or voc_xml(f'{img_id}.jpg',
                                                (width, height), objects)
         with open(osp.join(root, 'Annotations', f'{img_id}.xml'), 'w') as f:
@@ -96,15 +102,20 @@ def write_coco(root, ann_file, img_dir, coco, no_image=()):
         json.dump(coco, f)
     for seed, img in enumerate(coco.get('images', [])):
         if img['file_name'] not in no_image:
-            write_image(osp.join(root, img_dir, img['file_name']),
-                        img['width'], img['height'], seed)
+            write_image(
+                osp.join(root, img_dir, img['file_name']), img['width'],
+                img['height'], seed)
 
 
 def rect_annotation(ann_id, image_id, category_id, x, y, w, h, **extra):
     """A COCO annotation whose polygon is its box (a rectangle)."""
     ann = dict(
-        id=ann_id, image_id=image_id, category_id=category_id,
-        bbox=[x, y, w, h], area=float(w * h), iscrowd=0,
+        id=ann_id,
+        image_id=image_id,
+        category_id=category_id,
+        bbox=[x, y, w, h],
+        area=float(w * h),
+        iscrowd=0,
         segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
     ann.update(extra)
     return ann
@@ -121,55 +132,68 @@ SODA_IMAGES = {
                         ('Slogan', (1, 1, 40, 20), 0)]),
     '000003': (50, 50, [('rebar', (3, 3, 45, 21), 0)]),
 }
-SODA_SPLITS = {'train': ['000001', '000002', '000003'],
-               'val': ['000001', '000002', '000003']}
+SODA_SPLITS = {
+    'train': ['000001', '000002', '000003'],
+    'val': ['000001', '000002', '000003']
+}
 
 # MOCS: lower-case names in an order that is not the paper's
 MOCS_NAMES = ('other vehicle', 'worker', 'static crane', 'hanging head',
-              'crane', 'roller', 'bulldozer', 'excavator', 'truck',
-              'loader', 'pump truck', 'concrete mixer', 'pile driving')
+              'crane', 'roller', 'bulldozer', 'excavator', 'truck', 'loader',
+              'pump truck', 'concrete mixer', 'pile driving')
 
 
 def mocs_json():
     """Three images, categories with ids 11..23 in the order of MOCS_NAMES."""
-    categories = [dict(id=11 + i, name=name, supercategory='object')
-                  for i, name in enumerate(MOCS_NAMES)]
-    images = [dict(id=1, file_name='a.jpg', width=64, height=48),
-              dict(id=2, file_name='b.jpg', width=80, height=60),
-              dict(id=7, file_name='c.jpg', width=48, height=48)]
-    annotations = [
-        rect_annotation(1, 1, 12, 4, 5, 20, 30),            # worker
-        dict(rect_annotation(2, 1, 19, 30, 10, 30, 30),     # truck, triangle
-             segmentation=[[30, 10, 60, 10, 45, 40]], area=450.0),
-        rect_annotation(3, 2, 11, 0, 0, 40, 30),            # other vehicle
-        rect_annotation(4, 2, 13, 50, 20, 30, 40),          # static crane
-        rect_annotation(5, 7, 12, 10, 10, 20, 20),          # worker
+    categories = [
+        dict(id=11 + i, name=name, supercategory='object')
+        for i, name in enumerate(MOCS_NAMES)
     ]
-    return dict(images=images, categories=categories,
-                annotations=annotations)
+    images = [
+        dict(id=1, file_name='a.jpg', width=64, height=48),
+        dict(id=2, file_name='b.jpg', width=80, height=60),
+        dict(id=7, file_name='c.jpg', width=48, height=48)
+    ]
+    annotations = [
+        rect_annotation(1, 1, 12, 4, 5, 20, 30),  # worker
+        dict(
+            rect_annotation(2, 1, 19, 30, 10, 30, 30),  # truck, triangle
+            segmentation=[[30, 10, 60, 10, 45, 40]],
+            area=450.0),
+        rect_annotation(3, 2, 11, 0, 0, 40, 30),  # other vehicle
+        rect_annotation(4, 2, 13, 50, 20, 30, 40),  # static crane
+        rect_annotation(5, 7, 12, 10, 10, 20, 20),  # worker
+    ]
+    return dict(images=images, categories=categories, annotations=annotations)
 
 
 def cis_json():
     """Two images, three categories (ids not contiguous)."""
-    categories = [dict(id=5, name='Rebar'), dict(id=2, name='Formwork'),
-                  dict(id=9, name='Worker')]
-    images = [dict(id=10, file_name='x.png', width=64, height=64),
-              dict(id=11, file_name='y.png', width=32, height=40)]
-    annotations = [rect_annotation(100, 10, 2, 2, 2, 30, 20),
-                   rect_annotation(101, 10, 9, 40, 30, 20, 30),
-                   rect_annotation(102, 11, 5, 4, 4, 20, 30)]
-    return dict(images=images, categories=categories,
-                annotations=annotations)
+    categories = [
+        dict(id=5, name='Rebar'),
+        dict(id=2, name='Formwork'),
+        dict(id=9, name='Worker')
+    ]
+    images = [
+        dict(id=10, file_name='x.png', width=64, height=64),
+        dict(id=11, file_name='y.png', width=32, height=40)
+    ]
+    annotations = [
+        rect_annotation(100, 10, 2, 2, 2, 30, 20),
+        rect_annotation(101, 10, 9, 40, 30, 20, 30),
+        rect_annotation(102, 11, 5, 4, 4, 20, 30)
+    ]
+    return dict(images=images, categories=categories, annotations=annotations)
 
 
 def write_mocs(root, coco=None, split='train', no_image=()):
-    write_coco(root, f'instances_{split}.json', f'instances_{split}',
-               coco or mocs_json(), no_image)
+    write_coco(root, f'instances_{split}.json', f'instances_{split}', coco
+               or mocs_json(), no_image)
 
 
 def write_cis(root, coco=None, split='train', no_image=()):
-    write_coco(root, f'annotations/instances_{split}.json', split,
-               coco or cis_json(), no_image)
+    write_coco(root, f'annotations/instances_{split}.json', split, coco
+               or cis_json(), no_image)
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,14 +208,17 @@ def tiny_data_root():
 
 
 BUILD_CFGS = {
-    ('DATASETS', 'SODADataset'): lambda: dict(
+    ('DATASETS', 'SODADataset'):
+    lambda: dict(
         data_root=osp.join(tiny_data_root(), 'SODA'),
         ann_file='ImageSets/Main/train.txt'),
-    ('DATASETS', 'MOCSDataset'): lambda: dict(
+    ('DATASETS', 'MOCSDataset'):
+    lambda: dict(
         data_root=osp.join(tiny_data_root(), 'MOCS'),
         ann_file='instances_train.json',
         data_prefix=dict(img='instances_train/')),
-    ('DATASETS', 'CISDataset'): lambda: dict(
+    ('DATASETS', 'CISDataset'):
+    lambda: dict(
         data_root=osp.join(tiny_data_root(), 'CIS'),
         ann_file='annotations/instances_train.json',
         data_prefix=dict(img='train/')),

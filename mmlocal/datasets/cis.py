@@ -34,20 +34,23 @@ class CISDataset(CocoDataset):
     mmdet) it checks the file:
 
     - file level, always an error: a missing or unreadable ``ann_file``,
-      missing ``images``/``categories``, duplicate image, annotation or
-      category ids, category names equal up to case, or configured classes
-      that the file does not have;
+      missing ``images``/``categories``, entries without ``id``, duplicate
+      image, annotation or category ids, category names equal up to case,
+      or configured classes that the file does not have;
     - per image, an error naming the file and the entry, or with
       ``on_error='skip'`` a warning and the image is left out (so no image
       trains with a partial set of objects): an image entry without
-      ``file_name``/``width``/``height``, an image missing on disk
-      (``check_image_exists``), an annotation whose ``category_id`` is not
-      in ``categories`` or whose ``image_id`` is not in ``images``, a bbox
-      that is not 4 numbers, is empty, or leaves the image by more than
-      ``bbox_tolerance`` pixels (within it the box is clipped), a missing
-      ``area`` or ``area <= 0``, and with ``require_masks`` a missing
+      ``file_name`` or a positive integer ``width``/``height``, an image
+      missing on disk (``check_image_exists``), an annotation whose
+      ``category_id`` is not in ``categories``, whose bbox is not 4 numbers,
+      is empty, or leaves the image by more than ``bbox_tolerance`` pixels
+      (within it the box is clipped), whose ``area`` is missing or not
+      positive, which has no ``iscrowd`` in ``test_mode`` (pycocotools'
+      evaluation needs it), or, with ``require_masks``, which has no
       segmentation, a polygon with fewer than 3 points (or an odd number of
-      coordinates) or an RLE whose size is not the image's.
+      coordinates) or an RLE whose size is not the image's;
+    - an annotation whose ``image_id`` is not in ``images``: an error, or
+      with ``on_error='skip'`` a warning and the annotation is left out.
 
     Classes. ``metainfo=dict(classes=...)`` selects categories by name,
     compared trimmed and case-insensitively; categories not selected are
@@ -142,15 +145,20 @@ class CISDataset(CocoDataset):
         anns_of = defaultdict(list)
         ann_ids = set()
         for index, ann in enumerate(coco.get('annotations') or []):
-            try:
-                ann_id = self._check_annotation_keys(ann, index, images)
-            except ValueError as err:
-                self._raise_or_warn(err, 'annotation skipped')
+            if not isinstance(ann, dict) or 'id' not in ann:
+                raise ValueError(
+                    f'{self.ann_file}: annotations[{index}] has no "id"')
+            if ann['id'] in ann_ids:
+                raise ValueError(f'{self.ann_file}: annotation id '
+                                 f'{ann["id"]!r} appears more than once')
+            ann_ids.add(ann['id'])
+            if ann.get('image_id') not in images:
+                self._raise_or_warn(
+                    ValueError(
+                        f'{self.ann_file}: annotation id {ann["id"]!r} refers '
+                        f'to image id {ann.get("image_id")!r}, which is not '
+                        'in "images"'), 'annotation skipped')
                 continue
-            if ann_id in ann_ids:
-                raise ValueError(f'{self.ann_file}: annotation id {ann_id!r} '
-                                 'appears more than once')
-            ann_ids.add(ann_id)
             anns_of[ann['image_id']].append(ann)
 
         data_list = []
@@ -182,7 +190,8 @@ class CISDataset(CocoDataset):
                 f'{self.ann_file!r} does not exist')
         try:
             coco = load(
-                self.ann_file, file_format='json',
+                self.ann_file,
+                file_format='json',
                 backend_args=self.backend_args)
         except ValueError as err:
             raise ValueError(
@@ -236,8 +245,11 @@ class CISDataset(CocoDataset):
                     f'metainfo classes {wanted} repeat a name (compared '
                     'trimmed and case-insensitively)')
             missing = [n for n, k in zip(wanted, keys) if k not in by_key]
-            extra = [n for n in file_names if _class_key(n) not in keys]
-            if missing or (extra and not self._classes_from_config):
+            # a config may select a subset; the class METAINFO may not
+            extra = [] if self._classes_from_config else [
+                n for n in file_names if _class_key(n) not in keys
+            ]
+            if missing or extra:
                 source = ('metainfo' if self._classes_from_config else
                           f'{type(self).__name__}.METAINFO')
                 raise ValueError(
@@ -247,8 +259,9 @@ class CISDataset(CocoDataset):
                     f'only in the file {extra}; file categories: '
                     f'{file_names}. Set metainfo=dict(classes=...) in the '
                     'dataset config to the categories to train on.')
-            selected = [cat for cat in categories
-                        if _class_key(cat['name']) in keys]
+            selected = [
+                cat for cat in categories if _class_key(cat['name']) in keys
+            ]
 
         classes = tuple(cat['name'] for cat in selected)
         if wanted is not None and list(classes) != wanted:
@@ -267,18 +280,6 @@ class CISDataset(CocoDataset):
         self.cat_ids = [cat['id'] for cat in selected]
         self.cat2label = {cat_id: i for i, cat_id in enumerate(self.cat_ids)}
         self._classes_resolved = True
-
-    def _check_annotation_keys(self, ann: dict, index: int,
-                               images: dict) -> object:
-        """Check the ids of ``annotations[index]``; return its id."""
-        if not isinstance(ann, dict) or 'id' not in ann:
-            raise ValueError(f'{self.ann_file}: annotations[{index}] has no '
-                             '"id"')
-        if ann.get('image_id') not in images:
-            raise ValueError(
-                f'{self.ann_file}: annotation id {ann["id"]!r} refers to image'
-                f' id {ann.get("image_id")!r}, which is not in "images"')
-        return ann['id']
 
     def _raise_or_warn(self, err: Exception, action: str) -> None:
         """Apply ``on_error`` to a malformed entry.
@@ -367,14 +368,16 @@ class CISDataset(CocoDataset):
         if not _is_number(area) or area <= 0:
             raise ValueError(f'{where} has area={area!r}, not a positive '
                              'number')
+        if self.test_mode and 'iscrowd' not in ann:
+            raise ValueError(f'{where} has no "iscrowd", which COCO '
+                             'evaluation (CocoMetric with ann_file) needs')
         if self.require_masks:
-            self._check_segmentation(ann.get('segmentation'), width, height,
-                                     where)
+            self._check_segmentation(
+                ann.get('segmentation'), width, height, where)
         return dict(ann, bbox=[x1, y1, x2 - x1, y2 - y1])
 
     @staticmethod
-    def _check_segmentation(segm, width: int, height: int,
-                            where: str) -> None:
+    def _check_segmentation(segm, width: int, height: int, where: str) -> None:
         """Check a polygon list or an RLE of a ``width`` x ``height`` image."""
         if isinstance(segm, dict):  # RLE
             if segm.get('counts') is None or \
@@ -401,5 +404,6 @@ class CISDataset(CocoDataset):
 
 def _is_number(value) -> bool:
     """A finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(
-        value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value)

@@ -32,13 +32,12 @@ class MOCSDataset(CISDataset):
     """
 
     METAINFO = {
-        'classes': ('Worker', 'Static crane', 'Hanging head', 'Crane',
-                    'Roller', 'Bulldozer', 'Excavator', 'Truck', 'Loader',
-                    'Pump truck', 'Concrete mixer', 'Pile driving',
-                    'Other vehicle'),
-        'palette': [(220, 20, 60), (0, 80, 100), (255, 215, 0),
-                    (0, 0, 230), (106, 0, 228), (255, 128, 0),
-                    (250, 170, 30), (0, 60, 100), (165, 42, 42),
-                    (0, 160, 0), (128, 128, 128), (139, 69, 19),
+        'classes':
+        ('Worker', 'Static crane', 'Hanging head', 'Crane', 'Roller',
+         'Bulldozer', 'Excavator', 'Truck', 'Loader', 'Pump truck',
+         'Concrete mixer', 'Pile driving', 'Other vehicle'),
+        'palette': [(220, 20, 60), (0, 80, 100), (255, 215, 0), (0, 0, 230),
+                    (106, 0, 228), (255, 128, 0), (250, 170, 30), (0, 60, 100),
+                    (165, 42, 42), (0, 160, 0), (128, 128, 128), (139, 69, 19),
                     (0, 191, 255)]
     }

@@ -77,11 +77,10 @@ class SODADataset(XMLDataset):
         'classes': ('person', 'helmet', 'vest', 'board', 'wood', 'rebar',
                     'brick', 'scaffold', 'handcart', 'cutter', 'ebox',
                     'hopper', 'hook', 'fence', 'slogan'),
-        'palette': [(220, 20, 60), (255, 215, 0), (255, 128, 0),
-                    (139, 69, 19), (160, 82, 45), (112, 128, 144),
-                    (178, 34, 34), (0, 128, 128), (106, 0, 228),
-                    (0, 0, 192), (0, 191, 255), (128, 128, 0),
-                    (255, 77, 255), (0, 160, 0), (0, 60, 100)]
+        'palette': [(220, 20, 60), (255, 215, 0), (255, 128, 0), (139, 69, 19),
+                    (160, 82, 45), (112, 128, 144), (178, 34, 34),
+                    (0, 128, 128), (106, 0, 228), (0, 0, 192), (0, 191, 255),
+                    (128, 128, 0), (255, 77, 255), (0, 160, 0), (0, 60, 100)]
     }
 
     def __init__(self,
@@ -208,8 +207,7 @@ class SODADataset(XMLDataset):
                                          xml_path)
         instances = []
         for index, obj in enumerate(raw_ann_info.findall('object')):
-            instance = self._parse_object(obj, index, width, height,
-                                          xml_path)
+            instance = self._parse_object(obj, index, width, height, xml_path)
             if instance is None:
                 self._num_dropped += 1
             else:
@@ -296,8 +294,9 @@ class SODADataset(XMLDataset):
                 'integer') from err
         ignore = bool(difficult)
         if self.bbox_min_size is not None:
-            ignore |= (bbox[2] - bbox[0] < self.bbox_min_size
-                       or bbox[3] - bbox[1] < self.bbox_min_size)
+            ignore |= (
+                bbox[2] - bbox[0] < self.bbox_min_size
+                or bbox[3] - bbox[1] < self.bbox_min_size)
         return dict(bbox=bbox, bbox_label=label, ignore_flag=int(ignore))
 
 

@@ -81,7 +81,10 @@ test_dataloader = dict(
 
 val_evaluator = [
     dict(type='VOCMetric', metric='mAP', eval_mode='area'),
-    dict(type='CocoMetric', metric='bbox', format_only=False,
-         backend_args=backend_args),
+    dict(
+        type='CocoMetric',
+        metric='bbox',
+        format_only=False,
+        backend_args=backend_args),
 ]
 test_evaluator = val_evaluator

@@ -8,6 +8,7 @@ from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.structures.bbox import get_box_tensor
 from mmdet.utils import (ConfigType, InstanceList, OptConfigType,
                          OptInstanceList, OptMultiConfig, reduce_mean)
+from mmengine.config import ConfigDict
 from mmengine.dist import get_world_size
 from mmengine.structures import InstanceData
 from torch import Tensor
@@ -126,8 +127,9 @@ class YOLOv8Head(BaseDenseHead):
         self.loss_batch_scale = loss_batch_scale
         self.norm_cfg = norm_cfg
         self.act_cfg = act_cfg
-        self.train_cfg = train_cfg
-        self.test_cfg = test_cfg
+        # attribute access (cfg.nms) also for plain dicts
+        self.train_cfg = ConfigDict(train_cfg) if train_cfg else train_cfg
+        self.test_cfg = ConfigDict(test_cfg) if test_cfg else test_cfg
 
         self.prior_generator = TASK_UTILS.build(prior_generator)
         if self.prior_generator.num_levels != len(self.in_channels):
@@ -139,11 +141,15 @@ class YOLOv8Head(BaseDenseHead):
         self.loss_cls = MODELS.build(loss_cls)
         self.loss_bbox = MODELS.build(loss_bbox)
         self.loss_dfl = MODELS.build(loss_dfl)
-        if train_cfg:
-            self.assigner = TASK_UTILS.build(train_cfg['assigner'])
+        if self.train_cfg:
+            if 'assigner' not in self.train_cfg:
+                raise ValueError('train_cfg needs an assigner, e.g. '
+                                 "dict(type='mmdet.TaskAlignedAssigner', "
+                                 'topk=10)')
+            self.assigner = TASK_UTILS.build(self.train_cfg['assigner'])
             self.assign_kwargs = {
-                k: train_cfg[k]
-                for k in ('alpha', 'beta') if k in train_cfg
+                k: self.train_cfg[k]
+                for k in ('alpha', 'beta') if k in self.train_cfg
             }
         self.register_buffer(
             'proj', torch.arange(reg_max, dtype=torch.float), persistent=False)

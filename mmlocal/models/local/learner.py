@@ -153,6 +153,8 @@ class LocalLearner(BaseModel):
                 task=self.task,
                 num_classes=num_classes,
                 next_block=infos[k]['next_block'],
+                next_out_channels=infos[k]['next_out_channels'],
+                next_stride=infos[k]['next_stride'],
                 img_mean=mean,
                 img_std=std,
                 ignore_index=ignore_index)

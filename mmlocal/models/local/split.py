@@ -634,5 +634,8 @@ def module_output_info(seq, ranges):
                 stage=seq.block_stage[last],
                 last_block_name=seq.block_names[last],
                 next_block=seq.blocks[end] if has_next else None,
-                next_block_name=seq.block_names[end] if has_next else None))
+                next_block_name=seq.block_names[end] if has_next else None,
+                next_out_channels=seq.block_out_channels[end]
+                if has_next else None,
+                next_stride=seq.block_strides[end] if has_next else None))
     return info

@@ -23,6 +23,8 @@ class LocalModuleInfo:
         num_classes (int): Classes of the wrapped model.
         next_block (nn.Module, optional): The first block of module k+1
             (MAN's EMA source); not owned by the aux net.
+        next_out_channels, next_stride (int, optional): Its output channels
+            and stride.
         img_mean, img_std (Tensor): ``(3, 1, 1)`` normalisation of the
             wrapped model's data preprocessor, to recover the image.
         ignore_index (int): Ignored label of a segmentor.
@@ -34,6 +36,8 @@ class LocalModuleInfo:
     task: str
     num_classes: int
     next_block: Optional[nn.Module] = None
+    next_out_channels: Optional[int] = None
+    next_stride: Optional[int] = None
     img_mean: Optional[torch.Tensor] = None
     img_std: Optional[torch.Tensor] = None
     ignore_index: int = 255

@@ -1,0 +1,10 @@
+# GSO-YOLO-n on MOCS (13 classes): the -s config at n size.
+_base_ = './gso-yolo_s_8xb16-300e_mocs.py'
+
+deepen_factor = 0.33
+widen_factor = 0.25
+
+model = dict(
+    backbone=dict(deepen_factor=deepen_factor, widen_factor=widen_factor),
+    neck=dict(deepen_factor=deepen_factor, widen_factor=widen_factor),
+    bbox_head=dict(widen_factor=widen_factor))

@@ -1,0 +1,10 @@
+# YOLOv8-n on CIS: the -s config at n size.
+_base_ = './yolov8_s_8xb16-300e_cis.py'
+
+deepen_factor = 0.33
+widen_factor = 0.25
+
+model = dict(
+    backbone=dict(deepen_factor=deepen_factor, widen_factor=widen_factor),
+    neck=dict(deepen_factor=deepen_factor, widen_factor=widen_factor),
+    bbox_head=dict(widen_factor=widen_factor))

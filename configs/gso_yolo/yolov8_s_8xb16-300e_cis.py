@@ -1,0 +1,16 @@
+# YOLOv8-s on CIS, YOLOv8 recipe (300 epochs, 8 GPUs x 16).
+_base_ = [
+    '../_base_/models/yolov8_s.py',
+    '../_base_/datasets/yolov8_cis_detection.py',
+    '../_base_/schedules/yolov8_sgd_300e.py'
+]
+
+# UNVERIFIED: set to the number of categories of your CIS release
+model = dict(bbox_head=dict(num_classes=10))
+
+custom_hooks = _base_.custom_hooks + [
+    dict(
+        type='PipelineSwitchHook',
+        switch_epoch=_base_.max_epochs - _base_.close_mosaic_epochs,
+        switch_pipeline=_base_.train_pipeline_stage2)
+]

@@ -1,0 +1,135 @@
+import copy
+import warnings
+
+import torch
+import torch.nn as nn
+
+from mmlocal.registry import MODELS
+from .infopro import InfoProAux
+
+
+@MODELS.register_module()
+class MomentumAux(InfoProAux):
+    """Momentum Auxiliary Network: MAN (ECCV 2024) and MAN++ (TPAMI 2026).
+
+    Su et al. give module k's auxiliary net a view of what comes next: the
+    first block of module k+1, ``B``. Two copies of ``B`` sit in front of the
+    InfoPro-style task and reconstruction heads:
+
+    .. math::
+        y_k = s_k \\, LB_k(h_k) + (2 - s_k) \\, EMA_k(h_k), \\qquad
+        \\theta_{EMA_k} \\leftarrow m\\,\\theta_{EMA_k} + (1 - m)\\,\\theta_B
+
+    ``LB_k`` (the "learnable bias") is a trainable copy of ``B``; ``EMA_k`` is
+    a frozen copy updated by exponential moving average after every
+    optimizer step (by :class:`MomentumAuxHook`). MAN has ``s_k = 1``; MAN++
+    (``learnable_scale=True``) learns one scalar ``s_k`` per module, init 1.
+    The local loss is InfoPro's on ``y_k``:
+    ``lambda_1 BCE(D(y_k), x) + lambda_2 L_task(g(y_k), y)``. The EMA branch
+    passes gradient to ``h_k`` but its own weights receive none.
+
+    Args:
+        module_info (LocalModuleInfo): Filled in by ``LocalLearner``; its
+            ``next_block`` is ``B``.
+        momentum (float): ``m`` in (0, 1). Default 0.995 (every reference
+            README).
+        learnable_scale (bool): MAN++'s ``s_k``. Default False (MAN).
+        init_ema_from_source (bool): Start ``EMA_k`` equal to ``B`` (after
+            pretrained weights are loaded). The reference code does not (its
+            copies are re-initialised). Default True.
+        init_lb_from_source (bool): Start ``LB_k`` equal to ``B`` too.
+            Default False (reference: fresh initialisation).
+        ema_buffers (bool): Also average BN running statistics. The reference
+            averages parameters only. Default False.
+        **kwargs: InfoProAux options (``recon_weight``, ``task_weight``,
+            heads).
+    """
+
+    def __init__(self,
+                 module_info,
+                 momentum=0.995,
+                 learnable_scale=False,
+                 init_ema_from_source=True,
+                 init_lb_from_source=False,
+                 ema_buffers=False,
+                 **kwargs):
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f'momentum={momentum} must be in (0, 1)')
+        if module_info.next_block is None:
+            raise ValueError(
+                f'MomentumAux of module {module_info.index} needs the first '
+                'block of the next module; the last module has none')
+        self.momentum = momentum
+        self.learnable_scale = learnable_scale
+        self.init_ema_from_source = init_ema_from_source
+        self.init_lb_from_source = init_lb_from_source
+        self.ema_buffers = ema_buffers
+        super().__init__(module_info, **kwargs)
+        self._warned_no_hook = False
+        self.ema_driven = False  # set by MomentumAuxHook
+
+    def build_transform(self, module_info):
+        source = module_info.next_block
+        # not a submodule: the backbone owns it (no duplicate keys/params)
+        self._source = [source]
+        self.lb = copy.deepcopy(source)
+        self.ema = copy.deepcopy(source)
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        if self.learnable_scale:
+            self.scale = nn.Parameter(torch.tensor(1.0))
+        else:
+            self.register_buffer('scale', torch.tensor(1.0))
+        return module_info.next_out_channels, module_info.next_stride
+
+    @property
+    def source(self):
+        """The live first block of the next module."""
+        return self._source[0]
+
+    def init_weights(self):
+        """Re-initialise the copies unless they start from the source.
+
+        Called by mmengine *before* pretrained weights would be visible in
+        ``source`` for ``init_from_source``; :meth:`sync_from_source` (run by
+        the hook before the first iteration) does the copying.
+        """
+        super().init_weights()
+        for copy_ in (self.lb, self.ema):
+            for m in copy_.modules():
+                if hasattr(m, 'reset_parameters') and m is not copy_:
+                    m.reset_parameters()
+
+    @torch.no_grad()
+    def sync_from_source(self):
+        """Copy ``B`` into the EMA (and LB) copy as the options ask."""
+        if self.init_ema_from_source:
+            self.ema.load_state_dict(self.source.state_dict())
+        if self.init_lb_from_source:
+            self.lb.load_state_dict(self.source.state_dict())
+
+    @torch.no_grad()
+    def update_ema(self):
+        """``theta_EMA <- m * theta_EMA + (1 - m) * theta_B``."""
+        m = self.momentum
+        for p_ema, p_src in zip(self.ema.parameters(),
+                                self.source.parameters()):
+            p_ema.mul_(m).add_(p_src.detach(), alpha=1 - m)
+        if self.ema_buffers:
+            for b_ema, b_src in zip(self.ema.buffers(),
+                                    self.source.buffers()):
+                if b_ema.dtype.is_floating_point:
+                    b_ema.mul_(m).add_(b_src, alpha=1 - m)
+                else:
+                    b_ema.copy_(b_src)
+
+    def transform(self, h):
+        if self.training and not self.ema_driven and \
+                not self._warned_no_hook:
+            warnings.warn('MomentumAux is training without '
+                          'mmlocal.MomentumAuxHook: its EMA copy is not '
+                          'updated. Add custom_hooks=[dict(type='
+                          '"mmlocal.MomentumAuxHook")].')
+            self._warned_no_hook = True
+        s = self.scale
+        return s * self.lb(h) + (2 - s) * self.ema(h)

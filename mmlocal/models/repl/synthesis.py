@@ -1,0 +1,358 @@
+"""Operator synthesis for one replaced block.
+
+The replaced block stays in the backbone's module tree and runs its own,
+unchanged ``forward`` (convs, norms, residual, attention: the stock code).
+What changes is where its parameters come from: each of them is removed from
+the block (it is no longer an ``nn.Parameter``, so it is neither trained nor
+saved) and, right before every forward of the block, set back as a plain
+tensor attribute computed from the neighbours' parameters:
+
+.. math::  W_k^{(l)} = \\mathcal{T}^{(l)}_\\phi\\big(W_{k-1}^{(l)},
+           W_{k+1}^{(l)}\\big)
+
+for every layer ``l`` (a submodule that owns parameters: conv, norm, linear,
+attention projection) of block ``k``. The synthesised tensors carry the
+autograd graph, so the gradient of the loss reaches ``phi`` and both
+neighbours' ``W``. Buffers (BN running statistics) stay the block's own.
+
+Between forwards the attributes hold shape-only ``meta`` tensors (no
+storage): the synthesised operator exists only while the block's graph does,
+and a stale copy can never be used by mistake.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from mmlocal.registry import MODELS
+
+#: How a tensor of a replaced block is obtained.
+BOTH = 'both'          # T(W_{k-1}, W_{k+1})
+MIRROR_PREV = 'prev'   # T(W_{k-1}, W_{k-1}): no shape-compatible successor
+MIRROR_NEXT = 'next'   # T(W_{k+1}, W_{k+1}): no shape-compatible predecessor
+OWN = 'own'            # no compatible neighbour: stays a trainable parameter
+
+FUSION_RULES = (None, 'mirror')
+
+
+@dataclass
+class RepLUnit:
+    """One block that RepL may replace.
+
+    Attributes:
+        index (int): Position in the backbone's list of units (what
+            ``blocks=[...]`` refers to).
+        name (str): Attribute path inside the backbone, e.g.
+            ``'layer2.1'``, ``'layers.3'``, ``'stage2.1.blocks.0'``.
+        module (nn.Module): The block.
+        stage (int): The group whose blocks share shapes (ResNet stage, CSP
+            layer, all transformer layers).
+        position (int): Index of the block inside its stage.
+        stage_size (int): Number of blocks in the stage.
+        frozen (bool): Whether the backbone freezes it (``frozen_stages``).
+        refusal (str, optional): Why the block can never be replaced (e.g.
+            it is the first block of its stage); None if it can.
+    """
+    index: int
+    name: str
+    module: nn.Module
+    stage: int
+    position: int
+    stage_size: int
+    frozen: bool = False
+    refusal: Optional[str] = None
+
+
+def own_parameters(block):
+    """``[(layer path, layer, [param names])]`` of every submodule of
+    ``block`` that directly owns (non-None) parameters, in module order."""
+    layers = []
+    for path, module in block.named_modules():
+        names = [n for n, p in module._parameters.items() if p is not None]
+        if names:
+            layers.append((path, module, names))
+    return layers
+
+
+def _tensor_of(block, path, name):
+    """Parameter ``path.name`` of ``block`` or None (missing / not a
+    parameter)."""
+    if block is None:
+        return None
+    try:
+        module = block.get_submodule(path) if path else block
+    except AttributeError:
+        return None
+    return module._parameters.get(name)
+
+
+def match_sources(block, prev_block, next_block):
+    """For each parameter of ``block``: which neighbours hold a parameter
+    with the same path and shape.
+
+    Returns:
+        list[tuple[str, str, torch.Size, bool, bool]]: ``(layer path, param
+        name, shape, prev ok, next ok)``.
+    """
+    found = []
+    for path, module, names in own_parameters(block):
+        for name in names:
+            shape = module._parameters[name].shape
+            ok = []
+            for neighbour in (prev_block, next_block):
+                t = _tensor_of(neighbour, path, name)
+                ok.append(t is not None and t.shape == shape)
+            found.append((path, name, shape, ok[0], ok[1]))
+    return found
+
+
+def choose_rules(block_name, matches, fusion, option):
+    """Apply a fusion rule to :func:`match_sources` output.
+
+    Args:
+        block_name (str): For messages.
+        matches (list): From :func:`match_sources`.
+        fusion (str | None): ``None``: every tensor needs both neighbours;
+            ``'mirror'``: a tensor with one compatible neighbour uses it for
+            both slots, a tensor with none stays the block's own trainable
+            parameter.
+        option (str): The plan option to name in errors (``'interval'`` or
+            ``'blocks'``).
+
+    Returns:
+        dict[tuple[str, str], str]: ``(path, name) -> rule``.
+
+    Raises:
+        ValueError: If the block cannot be replaced under ``fusion``.
+    """
+    if fusion not in FUSION_RULES:
+        raise ValueError(f'fusion={fusion!r} must be one of {FUSION_RULES}')
+    rules = {}
+    for path, name, shape, prev_ok, next_ok in matches:
+        full = f'{path}.{name}' if path else name
+        if prev_ok and next_ok:
+            rule = BOTH
+        elif fusion is None:
+            missing = ' and '.join(
+                n for n, ok in (('k-1', prev_ok), ('k+1', next_ok)) if not ok)
+            raise ValueError(
+                f'{option}: block {block_name} cannot be replaced with '
+                f'fusion=None: its tensor {full} {tuple(shape)} has no '
+                f'tensor of the same shape in neighbour {missing} (set '
+                "fusion='mirror' or choose another block)")
+        elif prev_ok or next_ok:
+            rule = MIRROR_PREV if prev_ok else MIRROR_NEXT
+        else:
+            rule = OWN
+        rules[(path, name)] = rule
+    if not rules or all(r == OWN for r in rules.values()):
+        raise ValueError(
+            f'{option}: block {block_name} cannot be replaced: none of its '
+            'parameters has a tensor of the same shape in a neighbouring '
+            'block of its stage, so nothing can be synthesised')
+    return rules
+
+
+def _key(path):
+    return path.replace('.', '_') if path else 'block'
+
+
+class BlockReplacement(nn.Module):
+    """The light layer that stands in for one removed block.
+
+    It owns only the transformation parameters ``phi``; the block (and its
+    neighbours) stay owned by the backbone and are referenced, not
+    registered, so no state-dict key of the backbone changes.
+
+    .. math::  h_k = f_k\\big(h_{k-1};\\ \\mathcal{T}_\\phi(\\theta_{k-1},
+               \\theta_{k+1})\\big)
+
+    where ``f_k`` is the block's stock forward and ``theta`` the parameters
+    of a block.
+
+    Args:
+        block (nn.Module): Block ``k``. Its synthesised parameters are
+            removed from it.
+        prev_block (nn.Module | None): Block ``k-1`` of the same stage.
+        next_block (nn.Module | None): Block ``k+1`` of the same stage.
+        rules (dict): ``(layer path, param name) -> rule`` from
+            :func:`choose_rules`.
+        transform (dict): Config of a transform (a
+            :class:`~.transforms.BaseRepLTransform`); ``num_channels`` is
+            filled in per layer.
+        block_name (str): For messages and ``repr``.
+    """
+
+    def __init__(self, block, prev_block, next_block, rules, transform,
+                 block_name):
+        super().__init__()
+        self.block_name = block_name
+        # plain containers: referenced, not registered (no duplicate keys)
+        self._block = [block]
+        self._neighbours = [prev_block, next_block]
+        self.rules = dict(rules)
+        self.synthesized = []  # [(path, name)] in module order
+        # stock parameter order of each layer, to write folded state dicts
+        # in the order the stock model would
+        self.param_order = {}
+        layers = {}
+        for path, module, names in own_parameters(block):
+            self.param_order[path] = list(names)
+            for name in names:
+                if self.rules[(path, name)] != OWN:
+                    self.synthesized.append((path, name))
+                    layers.setdefault(path, []).append(
+                        module._parameters[name].shape)
+
+        self.transforms = nn.ModuleDict()
+        self._transform_of = {}
+        if transform_class(transform).per_block:
+            self.transforms['block'] = _build_transform(transform, None)
+            for item in self.synthesized:
+                self._transform_of[item] = 'block'
+        else:
+            for path, shapes in layers.items():
+                items = [item for item in self.synthesized if item[0] == path]
+                if len({s[0] for s in shapes}) == 1:
+                    # weight and bias share C_out: one transform per layer
+                    key = _key(path)
+                    self._add_transform(key, transform, shapes[0][0])
+                    for item in items:
+                        self._transform_of[item] = key
+                else:
+                    for item, shape in zip(items, shapes):
+                        key = _key(f'{path}.{item[1]}')
+                        self._add_transform(key, transform, shape[0])
+                        self._transform_of[item] = key
+
+        # remove the parameters; shape-only placeholders until a forward
+        for path, name in self.synthesized:
+            module = _module(block, path)
+            param = module._parameters.pop(name)
+            setattr(module, name,
+                    torch.empty(param.shape, dtype=param.dtype,
+                                device='meta'))
+        self._hook_ids = (
+            block.register_forward_pre_hook(self._install).id,
+            block.register_forward_hook(self._release).id)
+
+    def _add_transform(self, key, cfg, channels):
+        if key in self.transforms:
+            raise ValueError(f'{self.block_name}: two layers map to the '
+                             f'transform key {key!r}')
+        self.transforms[key] = _build_transform(cfg, channels)
+
+    @property
+    def block(self):
+        return self._block[0]
+
+    @property
+    def prev_block(self):
+        return self._neighbours[0]
+
+    @property
+    def next_block(self):
+        return self._neighbours[1]
+
+    # ------------------------------------------------------------ synthesis
+    def synthesize(self):
+        """The synthesised tensors, ``{(layer path, name): tensor}``.
+
+        Differentiable w.r.t. the transforms and the neighbours' parameters
+        (call under ``torch.no_grad()`` to fold).
+        """
+        out = {}
+        for path, name in self.synthesized:
+            rule = self.rules[(path, name)]
+            prev = _tensor_of(self.prev_block, path, name) \
+                if rule in (BOTH, MIRROR_PREV) else None
+            nxt = _tensor_of(self.next_block, path, name) \
+                if rule in (BOTH, MIRROR_NEXT) else None
+            if prev is None:
+                prev = nxt
+            if nxt is None:
+                nxt = prev
+            transform = self.transforms[self._transform_of[(path, name)]]
+            out[(path, name)] = transform(prev, nxt)
+        return out
+
+    def _install(self, block, args):
+        for (path, name), tensor in self.synthesize().items():
+            setattr(_module(block, path), name, tensor)
+
+    def _release(self, block, args, output):
+        # A block with ``with_cp`` recomputes its forward during backward and
+        # reads the attributes again: keep the synthesised tensors until the
+        # next forward replaces them.
+        if getattr(block, 'with_cp', False) and torch.is_grad_enabled() and \
+                any(torch.is_tensor(a) and a.requires_grad for a in args):
+            return
+        for path, name in self.synthesized:
+            module = _module(block, path)
+            t = getattr(module, name)
+            setattr(module, name,
+                    torch.empty(t.shape, dtype=t.dtype, device='meta'))
+
+    def folded_tensors(self):
+        """Synthesised tensors materialised (detached), keyed by
+        ``'<layer path>.<name>'`` relative to the block."""
+        with torch.no_grad():
+            return {(f'{p}.{n}' if p else n): t.detach().clone()
+                    for (p, n), t in self.synthesize().items()}
+
+    def remove_hooks(self):
+        block = self.block
+        block._forward_pre_hooks.pop(self._hook_ids[0], None)
+        block._forward_hooks.pop(self._hook_ids[1], None)
+
+    def extra_repr(self):
+        counts = {}
+        for rule in self.rules.values():
+            counts[rule] = counts.get(rule, 0) + 1
+        parts = ', '.join(f'{k}={v}' for k, v in sorted(counts.items()))
+        return f'block={self.block_name}, tensors: {parts}'
+
+
+def _module(block, path):
+    return block.get_submodule(path) if path else block
+
+
+def _normalized_cfg(cfg):
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise ValueError(f'transform={cfg!r} must be a config dict with a '
+                         "type, e.g. dict(type='mmlocal.RepLScalarMix')")
+    cfg = dict(cfg)
+    if isinstance(cfg['type'], str) and '.' not in cfg['type']:
+        cfg['type'] = 'mmlocal.' + cfg['type']
+    return cfg
+
+
+def transform_class(cfg):
+    """The transform class a ``transform`` config names.
+
+    Raises:
+        ValueError: If it is not a registered RepL transform.
+    """
+    from .transforms import BaseRepLTransform
+    cfg = _normalized_cfg(cfg)
+    cls = cfg['type'] if isinstance(cfg['type'], type) else \
+        MODELS.get(cfg['type'])
+    if cls is None or not (isinstance(cls, type)
+                           and issubclass(cls, BaseRepLTransform)):
+        raise ValueError(
+            f'transform.type={cfg["type"]!r} is not a registered RepL '
+            'transform (mmlocal.RepLScalarMix, mmlocal.RepLChannelMix, '
+            'mmlocal.RepLLowRankMix)')
+    return cls
+
+
+def _build_transform(cfg, num_channels):
+    transform_class(cfg)
+    cfg = _normalized_cfg(cfg)
+    if num_channels is not None:
+        cfg['num_channels'] = num_channels
+    try:
+        return MODELS.build(cfg)
+    except TypeError as exc:
+        raise ValueError(f'transform={cfg!r}: {exc}') from exc
