@@ -1,3 +1,4 @@
+import copy
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -131,22 +132,23 @@ class YOLOv8Head(BaseDenseHead):
         self.train_cfg = ConfigDict(train_cfg) if train_cfg else train_cfg
         self.test_cfg = ConfigDict(test_cfg) if test_cfg else test_cfg
 
-        self.prior_generator = TASK_UTILS.build(prior_generator)
+        self.prior_generator = self._build(TASK_UTILS, prior_generator)
         if self.prior_generator.num_levels != len(self.in_channels):
             raise ValueError(
                 f'prior_generator has {self.prior_generator.num_levels} '
                 f'strides but in_channels={list(in_channels)} lists '
                 f'{len(self.in_channels)} levels')
-        self.bbox_coder = TASK_UTILS.build(bbox_coder)
-        self.loss_cls = MODELS.build(loss_cls)
-        self.loss_bbox = MODELS.build(loss_bbox)
-        self.loss_dfl = MODELS.build(loss_dfl)
+        self.bbox_coder = self._build(TASK_UTILS, bbox_coder)
+        self.loss_cls = self._build(MODELS, loss_cls)
+        self.loss_bbox = self._build(MODELS, loss_bbox)
+        self.loss_dfl = self._build(MODELS, loss_dfl)
         if self.train_cfg:
             if 'assigner' not in self.train_cfg:
                 raise ValueError('train_cfg needs an assigner, e.g. '
                                  "dict(type='mmdet.TaskAlignedAssigner', "
                                  'topk=10)')
-            self.assigner = TASK_UTILS.build(self.train_cfg['assigner'])
+            self.assigner = self._build(TASK_UTILS,
+                                        self.train_cfg['assigner'])
             self.assign_kwargs = {
                 k: self.train_cfg[k]
                 for k in ('alpha', 'beta') if k in self.train_cfg
@@ -154,6 +156,16 @@ class YOLOv8Head(BaseDenseHead):
         self.register_buffer(
             'proj', torch.arange(reg_max, dtype=torch.float), persistent=False)
         self._init_layers()
+
+    @staticmethod
+    def _build(registry, cfg: ConfigType):
+        """Build a part in mmdet's scope (unless its config sets
+        ``_scope_``): mmdet's parts build their own parts by unscoped names
+        (``TaskAlignedAssigner`` its ``BboxOverlaps2D``), which must resolve
+        also when the caller's scope is another one."""
+        cfg = copy.deepcopy(cfg)
+        cfg.setdefault('_scope_', 'mmdet')
+        return registry.build(cfg)
 
     def _init_layers(self) -> None:
         # branch widths of YOLOv8, set by the finest level
@@ -273,6 +285,12 @@ class YOLOv8Head(BaseDenseHead):
             raise ValueError(f'{type(self).__name__} needs a train_cfg with '
                              'an assigner to compute losses')
         num_imgs = len(batch_img_metas)
+        all_labels = torch.cat([gt.labels for gt in batch_gt_instances])
+        if all_labels.numel() and int(all_labels.max()) >= self.num_classes:
+            raise ValueError(
+                f'a ground-truth label is {int(all_labels.max())} but '
+                f'num_classes={self.num_classes}: set '
+                "model.bbox_head.num_classes to the dataset's class count")
         featmap_sizes = [score.shape[-2:] for score in cls_scores]
         priors = torch.cat(
             self.prior_generator.grid_priors(
