@@ -40,3 +40,11 @@ BUILD_CFGS.update({
         module_info=_info_with_next(), learnable_scale=True),
     ('HOOKS', 'MomentumAuxHook'): lambda: dict(),
 })
+
+
+def _wrapped_model():
+    return dict(module=torch.nn.Linear(2, 2))
+
+
+BUILD_CFGS[('MODEL_WRAPPERS', 'LocalDistributedDataParallel')] = \
+    _wrapped_model

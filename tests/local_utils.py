@@ -84,7 +84,7 @@ def det_batch(n=2, size=64, seed=0):
     return dict(inputs=inputs, data_samples=samples)
 
 
-def seg_batch(n=2, size=64, seed=0, num_classes=3):
+def seg_batch(n=2, size=64, seed=0, num_classes=3, ignore=True):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
     g = torch.Generator().manual_seed(seed)
@@ -93,7 +93,8 @@ def seg_batch(n=2, size=64, seed=0, num_classes=3):
         inputs.append(torch.randint(0, 256, (3, size, size), generator=g,
                                     dtype=torch.uint8))
         label = torch.randint(0, num_classes, (1, size, size), generator=g)
-        label[:, :4] = 255
+        if ignore:
+            label[:, :4] = 255
         sample = SegDataSample(metainfo=dict(
             img_shape=(size, size), ori_shape=(size, size),
             pad_shape=(size, size)))
@@ -152,3 +153,25 @@ TINY_YOLOX = dict(
     train_cfg=dict(assigner=dict(type='mmdet.SimOTAAssigner',
                                  center_radius=2.5)),
     test_cfg=dict(score_thr=0.01, nms=dict(type='nms', iou_threshold=0.65)))
+
+
+def gn_fcn_learner_cfg():
+    """A tiny FCN LocalLearner with GroupNorm everywhere.
+
+    Without BatchNorm a step on a batch split over ranks equals a step on the
+    whole batch (the losses average over equal numbers of pixels), which is
+    what the distributed tests compare.
+    """
+    import copy
+    gn = dict(type='GN', num_groups=4, requires_grad=True)
+    model = copy.deepcopy(TINY_FCN)
+    model['data_preprocessor']['size'] = (32, 32)
+    model['backbone'].update(norm_cfg=gn, base_channels=16, stem_channels=16)
+    model['decode_head'].update(in_channels=128, norm_cfg=gn)
+    model['auxiliary_head'].update(in_channels=64, norm_cfg=gn)
+    aux = small_aux('mmlocal.InfoProAux',
+                    seg_head=dict(channels=16, norm_cfg=gn,
+                                  head=dict(dropout_ratio=0.0)),
+                    recon=dict(channels=16, norm_cfg=gn))
+    return dict(type='mmlocal.LocalLearner', model=model, num_modules=2,
+                aux=aux)

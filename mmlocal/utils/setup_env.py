@@ -48,7 +48,8 @@ def setup_launcher(cfg, launcher):
     mmengine's defaults assume CUDA when a launcher is used: ``init_dist``
     calls ``torch.cuda.set_device`` and the default DDP wrapper passes
     ``device_ids=[LOCAL_RANK]``, both of which fail on a CPU-only machine.
-    Here, on a machine without CUDA:
+    A ``LocalLearner`` model gets ``mmlocal.LocalDistributedDataParallel``
+    unless the config names a wrapper. On a machine without CUDA:
 
     - the ``gloo`` backend is used and the process group is initialised
       before the Runner (the Runner then skips its own ``init_dist``);
@@ -61,12 +62,24 @@ def setup_launcher(cfg, launcher):
         launcher (str): ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
     """
     cfg.launcher = launcher
-    if launcher == 'none' or torch.cuda.is_available():
+    if launcher == 'none':
+        return cfg
+    model_type = str(cfg.get('model', {}).get('type', ''))
+    if model_type.endswith('LocalLearner') and \
+            cfg.get('model_wrapper_cfg') is None:
+        # several backward passes per iteration: mmengine's DDP wrapper
+        # would skip LocalLearner.train_step
+        cfg.model_wrapper_cfg = dict(
+            type='mmlocal.LocalDistributedDataParallel')
+    if torch.cuda.is_available():
         return cfg
     import torch.distributed as dist
-    env_cfg = cfg.setdefault('env_cfg', {})
-    dist_cfg = env_cfg.setdefault('dist_cfg', {})
-    dist_cfg['backend'] = 'gloo'
+    if cfg.get('env_cfg') is None:
+        cfg.env_cfg = dict()
+    if cfg.env_cfg.get('dist_cfg') is None:
+        cfg.env_cfg.dist_cfg = dict()
+    cfg.env_cfg.dist_cfg.backend = 'gloo'
+    dist_cfg = cfg.env_cfg.dist_cfg
     if not dist.is_initialized():
         if launcher == 'slurm':
             _export_slurm_env()

@@ -1,4 +1,4 @@
-# The GSO-YOLO demo detector shrunk for tests: width 0.125, 128 px, batch 2,
+# The GSO-YOLO demo detector shrunk for tests: width 0.125, 64 px, batch 2,
 # 2 iterations, validation on 2 real demo tiles.
 _base_ = '../../configs/gso_yolo/gso-yolo_n_1xb8-300i_demo-trees.py'
 
@@ -12,7 +12,7 @@ model = dict(
     bbox_head=dict(widen_factor=widen_factor, norm_cfg=norm_cfg),
     test_cfg=dict(nms_pre=200, max_per_img=50))
 
-img_scale = (128, 128)
+img_scale = (64, 64)
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True),
