@@ -1,6 +1,7 @@
 """GSO-YOLO: the GOM/SCM blocks, the YOLOv8 model at every size, loss and
 predict on a random batch, training on the real demo data, the configs."""
 import copy
+import functools
 import glob
 import json
 import os.path as osp
@@ -218,7 +219,32 @@ def test_train_and_validate_on_demo_data(demo_data_root, tmp_path):
 
 
 # ---------------------------------------------------------------- configs
-def test_every_config_parses_and_differs_as_named():
+@pytest.fixture
+def cached_external_cfg_lookup(monkeypatch):
+    """mmengine looks every ``mmdet::`` base up in all of mmdet's ~100
+    metafiles before falling back to the path (0.5 s a time); remember the
+    outcome per name while parsing many configs. Results are unchanged."""
+    import mmengine.config.config as config_module
+    lookup = config_module._get_external_cfg_path
+
+    @functools.lru_cache(maxsize=None)
+    def outcome(package_path, cfg_file):
+        try:
+            return lookup(package_path, cfg_file)
+        except ValueError as e:
+            return e
+
+    def cached(package_path, cfg_file):
+        result = outcome(package_path, cfg_file)
+        if isinstance(result, ValueError):
+            raise result
+        return result
+
+    monkeypatch.setattr(config_module, '_get_external_cfg_path', cached)
+
+
+def test_every_config_parses_and_differs_as_named(
+        cached_external_cfg_lookup):
     files = sorted(glob.glob(osp.join(CONFIG_DIR, '*.py')))
     assert len(files) >= 20
     for path in files:

@@ -62,3 +62,29 @@ def test_setup_launcher_picks_local_wrapper():
     assert cfg.model_wrapper_cfg.device_ids is None
     if owned:  # leave no process group behind for other tests
         dist.destroy_process_group()
+
+
+def test_dist_train_script_two_cpu_processes(demo_data_root, tmp_path):
+    """tools/dist_train.sh: torchrun, gloo on CPU, LocalLearner wrapper."""
+    root = demo_data_root
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(_free_port()),
+               PATH=os.path.dirname(sys.executable) + ':' +
+               os.environ.get('PATH', ''))
+    proc = subprocess.run(
+        ['bash', 'tools/dist_train.sh',
+         'tests/configs/infopro_retinanet_tiny_demo.py', '2', '--work-dir',
+         str(tmp_path), '--cfg-options',
+         f'train_dataloader.dataset.data_root={root}/',
+         f'val_dataloader.dataset.data_root={root}/',
+         f'test_dataloader.dataset.data_root={root}/',
+         f'val_evaluator.ann_file={root}/annotations/instances_val.json'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert 'Distributed training: True' in out, out[-3000:]
+    assert "type='mmlocal.LocalDistributedDataParallel'" in out
+    state = torch.load(tmp_path / 'iter_2.pth', map_location='cpu',
+                       weights_only=False)['state_dict']
+    assert any(k.startswith('model.backbone.') for k in state)
+    assert any(k.startswith('aux_nets.0.') for k in state)
+    assert not any(k.startswith('module.') for k in state)

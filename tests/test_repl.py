@@ -1,0 +1,464 @@
+"""Replacement Learning: plans, parameter counts, exact gradients through
+the synthesised operators, folding, training steps, LocalLearner."""
+import copy
+import importlib.util
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.optim import OptimWrapper
+from mmengine.registry import DefaultScope
+
+from conftest import REPO
+from local_utils import (TINY_RETINANET, KeepGradsOptimWrapper, det_batch,
+                         seg_batch, small_aux)
+from mmlocal.registry import MODELS
+
+R18 = dict(type='mmdet.ResNet', depth=18, init_cfg=None, norm_eval=False,
+           zero_init_residual=False)
+R50 = dict(R18, depth=50)
+VIT = dict(type='mmseg.VisionTransformer', img_size=(32, 32), patch_size=8,
+           embed_dims=32, num_layers=4, num_heads=4, mlp_ratio=4,
+           out_indices=(1, 3))
+CSP = dict(type='mmdet.CSPDarknet', deepen_factor=0.33, widen_factor=0.125,
+           out_indices=(2, 3, 4))
+SCALAR = dict(type='mmlocal.RepLScalarMix')
+CHANNEL = dict(type='mmlocal.RepLChannelMix')
+LOWRANK = dict(type='mmlocal.RepLLowRankMix', rank=2)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny inputs gain nothing from threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _scope(cfg):
+    return 'mmseg' if 'mmseg.' in str(cfg.get('type')) else 'mmdet'
+
+
+def repl(backbone, seed=0, **kwargs):
+    cfg = dict(type='mmlocal.RepLBackbone', backbone=copy.deepcopy(backbone))
+    cfg.update(kwargs)
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope(_scope(backbone)):
+        return MODELS.build(cfg)
+
+
+def stock(backbone):
+    with DefaultScope.overwrite_default_scope(_scope(backbone)):
+        return MODELS.build(copy.deepcopy(backbone))
+
+
+def trainable(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def randomize(model, seed=1):
+    """Non-trivial transforms and BN statistics (folding must carry them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'replacements.' in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+def outputs_loss(outs, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+
+
+# ------------------------------------------------------------------ plans
+def test_resnet50_interval_plans_and_frozen_stages():
+    model = repl(R50, interval=2)
+    assert model.replaced_blocks == [
+        'layer1.1', 'layer2.1', 'layer2.3', 'layer3.1', 'layer3.3',
+        'layer3.5', 'layer4.1'
+    ]
+    plan = {p['name']: p for p in model.plan}
+    # block 1 reads e*p channels, block 0 the previous stage's: conv1 from
+    # k+1 only; the last block of a stage mirrors k-1
+    assert plan['layer2.1']['rules']['conv1.weight'] == 'next'
+    assert plan['layer2.1']['rules']['conv2.weight'] == 'both'
+    assert plan['layer2.3']['next'] is None
+    assert set(plan['layer2.3']['rules'].values()) == {'prev'}
+    assert model.kept_tensors == []
+    assert repl(R50, interval=3).replaced_blocks == [
+        'layer1.2', 'layer2.2', 'layer3.2', 'layer3.5', 'layer4.2'
+    ]
+    frozen = repl(dict(R50, frozen_stages=1), interval=2)
+    assert frozen.replaced_blocks[0] == 'layer2.1'
+    # fusion=None: only blocks with two same-shaped neighbours
+    assert repl(R50, interval=2, fusion=None).replaced_blocks == ['layer3.3']
+
+
+def test_resnet18_keeps_unmatched_conv1():
+    model = repl(R18, interval=2)
+    assert model.replaced_blocks == [
+        'layer1.1', 'layer2.1', 'layer3.1', 'layer4.1'
+    ]
+    assert model.kept_tensors == [
+        'layer2.1.conv1.weight', 'layer3.1.conv1.weight',
+        'layer4.1.conv1.weight'
+    ]
+    kept = model.backbone.layer2[1].conv1.weight
+    assert isinstance(kept, torch.nn.Parameter) and kept.requires_grad
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(blocks=[0]), r'blocks=\[0\].*layer1\.0.*first block'),
+    (dict(blocks=[4]), r'blocks=\[4\].*layer2\.0.*first block'),
+    (dict(blocks=[99]), r'blocks=\[99\] out of range'),
+    (dict(blocks=[-1]), r'blocks=\[-1\] out of range'),
+    (dict(interval=1), r'interval=1 must be >= 2'),
+    (dict(interval=0), r'interval=0 must be >= 2'),
+    (dict(interval=True), r'interval=True must be an int'),
+    (dict(interval=2, blocks=[1]), r'exactly one of interval and blocks'),
+    (dict(), r'exactly one of interval and blocks'),
+    (dict(blocks=[1, 2]), r'blocks=\[1, 2\].*neighbours'),
+    (dict(blocks=[1, 1]), r'blocks=\[1, 1\] has duplicates'),
+    (dict(blocks=[2], fusion=None), r'blocks: block layer1\.2.*fusion=None'),
+    (dict(blocks=[1], fusion='nearest'), r"fusion='nearest'"),
+    (dict(blocks=[1], transform=dict(type='Nope')), r"transform.type="),
+])
+def test_bad_plans_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        repl(R50, **kwargs)
+
+
+def test_bad_plans_other_backbones():
+    with pytest.raises(ValueError, match=r'blocks=\[1\].*frozen'):
+        repl(dict(R50, frozen_stages=1), blocks=[1])
+    with pytest.raises(ValueError,
+                       match=r'blocks=\[0\].*first transformer layer'):
+        repl(VIT, blocks=[0])
+    with pytest.raises(ValueError, match=r'blocks=\[0\].*first bottleneck'):
+        repl(CSP, blocks=[0])
+    with pytest.raises(ValueError, match=r'backbone=MobileNetV2 is not '
+                       r'supported by RepLBackbone'):
+        repl(dict(type='mmdet.MobileNetV2'), interval=2)
+
+
+# ------------------------------------------------------- parameter counts
+R50_STOCK = 23_508_032  # torchvision ResNet-50 without fc
+
+
+def _bottleneck(p):
+    # conv1 4p*p, conv2 9p^2, conv3 4p*p; three BN (p, p, 4p) x (w, b)
+    return 17 * p * p + 12 * p
+
+
+@pytest.mark.parametrize('transform, per_block', [
+    (SCALAR, lambda p: 2),
+    (CHANNEL, lambda p: 2 * 12 * p),  # 2 * (p + p + p + p + 4p + 4p)
+    (dict(type='mmlocal.RepLLowRankMix', rank=4),
+     lambda p: 2 * 12 * p * (1 + 2 * 4)),
+])
+def test_resnet50_trainable_params_analytic(transform, per_block):
+    assert trainable(stock(R50)) == R50_STOCK
+    model = repl(R50, interval=2, transform=transform)
+    # layer1.1, layer2.1, layer2.3, layer3.1, layer3.3, layer3.5, layer4.1
+    planes = [64, 128, 128, 256, 256, 256, 512]
+    expected = R50_STOCK - sum(_bottleneck(p) for p in planes) + \
+        sum(per_block(p) for p in planes)
+    assert trainable(model) == expected
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert 1 - expected / R50_STOCK > 0.20
+
+
+@pytest.mark.parametrize('transform, per_block', [
+    (SCALAR, lambda d: 2),
+    (CHANNEL, lambda d: 2 * 11 * d),  # ln1 D, qkv 3D, proj D, ln2 D, fc 4D+D
+    (LOWRANK, lambda d: 2 * 11 * d * (1 + 2 * 2)),
+])
+def test_vit_b_trainable_params_analytic(transform, per_block):
+    d, layers, tokens = 768, 12, 1 + (32 // 16)**2
+    vit_b = dict(type='mmseg.VisionTransformer', img_size=(32, 32),
+                 patch_size=16)
+    layer = 12 * d * d + 13 * d  # qkv 3D^2+3D, proj D^2+D, MLP 8D^2+5D, LN 4D
+    stem = 3 * 16 * 16 * d + d + d + tokens * d  # patch conv, cls, pos
+    model = repl(vit_b, interval=2, transform=transform)
+    assert model.replaced_blocks == [f'layers.{i}' for i in (1, 3, 5, 7, 9,
+                                                             11)]
+    expected = stem + (layers - 6) * layer + 6 * per_block(d)
+    assert trainable(model) == expected
+    assert trainable(model.backbone) == stem + (layers - 6) * layer
+    assert 1 - expected / (stem + layers * layer) > 0.20
+
+
+# -------------------------------------------------- gradients and folding
+def _exact_grads(backbone, transform, seed=0, **kwargs):
+    """RepL gradients == stock gradients pushed through the synthesis.
+
+    With the scalar mix ``W_k = a W_{k-1} + b W_{k+1}`` and the folded stock
+    model (``W_k`` a leaf) giving ``g_k = dL/dW_k``:
+    ``dL/dW_{k-1} = own + a g_k``, ``dL/dW_{k+1} = own + b g_k``,
+    ``dL/da = <g_k, W_{k-1}>``, ``dL/db = <g_k, W_{k+1}>`` (mirror: both
+    coefficients on the one neighbour).
+    """
+    model = repl(backbone, seed=seed, transform=transform, **kwargs)
+    randomize(model)
+    ref = stock(backbone)
+    ref.load_state_dict(model.fold_state_dict(), strict=True)
+    model.train()
+    ref.train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    outputs_loss(model(x)).backward()
+    outputs_loss(ref(x)).backward()
+    got = {n: p.grad for n, p in model.backbone.named_parameters()}
+    ref_params = dict(ref.named_parameters())
+    ref_grads = {n: p.grad for n, p in ref_params.items()}
+    expected = {n: ref_grads[n].clone() for n in got}
+    both = 0
+    for rep, plan in zip(model.replacements.values(), model.plan):
+        t = rep.transforms['block']
+        a, b = t.a.detach(), t.b.detach()
+        ga = gb = 0.
+        for rel, rule in plan['rules'].items():
+            g_k = ref_grads[f'{plan["name"]}.{rel}']
+            prev = f'{plan["prev"]}.{rel}' if plan['prev'] else None
+            nxt = f'{plan["next"]}.{rel}' if plan['next'] else None
+            if rule == 'both':
+                both += 1
+                expected[prev] += a * g_k
+                expected[nxt] += b * g_k
+                ga += (g_k * ref_params[prev]).sum()
+                gb += (g_k * ref_params[nxt]).sum()
+            elif rule in ('prev', 'next'):
+                src = prev if rule == 'prev' else nxt
+                expected[src] += (a + b) * g_k
+                ga += (g_k * ref_params[src]).sum()
+                gb += (g_k * ref_params[src]).sum()
+        torch.testing.assert_close(t.a.grad, ga, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(t.b.grad, gb, rtol=1e-4, atol=1e-5)
+        assert t.a.grad.abs() > 0 and t.b.grad.abs() > 0
+    assert both > 0  # some tensors really come from both neighbours
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4,
+                                   atol=1e-5, msg=name)
+    # removed weights: no parameter, nothing trained, shape-only placeholder
+    synthesized = set(model._synthesized_keys())
+    assert not synthesized & set(got)
+    for key in synthesized:
+        path, name = key.rsplit('.', 1)
+        placeholder = getattr(model.backbone.get_submodule(path), name)
+        assert placeholder.device.type == 'meta'
+    return model
+
+
+def test_gradients_reach_both_neighbours_and_transforms_resnet():
+    _exact_grads(R50, SCALAR, interval=2)
+
+
+def test_gradients_reach_both_neighbours_and_transforms_vit():
+    _exact_grads(VIT, SCALAR, interval=2)
+
+
+def test_gradients_csp():
+    model = _exact_grads(CSP, SCALAR, interval=2)
+    assert model.replaced_blocks == ['stage2.1.blocks.1', 'stage3.1.blocks.1']
+
+
+@pytest.mark.parametrize('backbone, transform', [
+    (R50, LOWRANK),
+    (R18, CHANNEL),
+    (VIT, LOWRANK),
+    (dict(VIT, final_norm=True, with_cp=True), CHANNEL),
+    (CSP, CHANNEL),
+])
+def test_fold_equivalence(backbone, transform):
+    model = repl(backbone, interval=2, transform=transform)
+    randomize(model)
+    ref = stock(backbone)
+    folded = model.fold_state_dict()
+    assert list(folded) == list(ref.state_dict())  # stock keys and order
+    ref.load_state_dict(folded, strict=True)
+    model.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for a, b in zip(model(x), ref(x)):
+            assert (a - b).abs().max() <= 1e-5
+    # RepL state dict: no replaced weights, transforms under replacements.
+    keys = model.state_dict()
+    assert not {'backbone.' + k for k in model._synthesized_keys()} & set(keys)
+    assert any(k.startswith('replacements.') for k in keys)
+
+
+def test_with_cp_gives_the_same_gradients():
+    grads = []
+    for with_cp in (False, True):
+        model = repl(dict(R50, with_cp=with_cp), interval=2,
+                     transform=CHANNEL)
+        randomize(model)
+        model.train()
+        x = torch.randn(2, 3, 32, 32,
+                        generator=torch.Generator().manual_seed(5))
+        outputs_loss(model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+def test_replaced_norms_track_statistics_under_norm_eval():
+    model = repl(dict(R18, norm_eval=True), interval=2)
+    model.train()
+    assert model.backbone.layer1[1].bn1.training
+    assert not model.backbone.layer1[0].bn1.training
+    frozen_norms = repl(dict(R18, norm_eval=True), interval=2,
+                        replaced_norm_eval=True)
+    frozen_norms.train()
+    assert not frozen_norms.backbone.layer1[1].bn1.training
+
+
+# --------------------------------------------------- pretrained weights
+def test_pretrained_neighbours_load_replaced_dropped(tmp_path):
+    src = stock(R18)
+    randomize(src)
+    path = str(tmp_path / 'r18.pth')
+    torch.save(src.state_dict(), path)
+    model = repl(dict(R18, init_cfg=dict(type='Pretrained', checkpoint=path)),
+                 interval=2)
+    model.init_weights()
+    for name, p in model.backbone.named_parameters():
+        torch.testing.assert_close(p, src.state_dict()[name], msg=name)
+    # replaced block: weights gone, BN statistics reset (not pretrained)
+    bn = model.backbone.layer3[1].bn2
+    assert 'weight' not in bn._parameters
+    assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)
+
+    # a stock-keyed detector state dict loads into a RepL detector
+    det = _retinanet_cfg()
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        stock_det = MODELS.build(TINY_RETINANET)
+        repl_det = MODELS.build(det)
+    missing, unexpected = repl_det.load_state_dict(stock_det.state_dict(),
+                                                   strict=False)
+    assert unexpected == []
+    assert missing and all('.replacements.' in k for k in missing)
+    torch.testing.assert_close(repl_det.backbone.backbone.layer1[0].conv1
+                               .weight, stock_det.backbone.layer1[0].conv1
+                               .weight)
+
+
+# ------------------------------------------------------ training steps
+def _retinanet_cfg(**kwargs):
+    cfg = copy.deepcopy(TINY_RETINANET)
+    cfg['backbone'] = dict(type='mmlocal.RepLBackbone',
+                           backbone=cfg['backbone'], interval=2,
+                           transform=LOWRANK, **kwargs)
+    return ConfigDict(cfg)
+
+
+def _step_changes_transforms(model, batch, optim_wrapper):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()
+              if '.replacements.' in n}
+    log_vars = model.train_step(batch, optim_wrapper)
+    assert torch.isfinite(log_vars['loss'])
+    changed = [n for n, p in model.named_parameters()
+               if n in before and not torch.equal(p, before[n])]
+    assert len(changed) > len(before) // 2
+    return log_vars
+
+
+def test_detector_train_step():
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        torch.manual_seed(0)
+        model = MODELS.build(_retinanet_cfg())
+    model.init_weights()
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    _step_changes_transforms(model, det_batch(), optim)
+
+
+def test_segmentor_train_step_vit():
+    cfg = dict(
+        type='mmseg.EncoderDecoder',
+        data_preprocessor=dict(type='mmseg.SegDataPreProcessor',
+                               mean=[123.675, 116.28, 103.53],
+                               std=[58.395, 57.12, 57.375], size=(32, 32)),
+        backbone=dict(type='mmlocal.RepLBackbone', backbone=VIT, interval=2,
+                      transform=LOWRANK),
+        decode_head=dict(type='mmseg.FCNHead', in_channels=32, in_index=1,
+                         channels=16, num_convs=1, num_classes=3,
+                         dropout_ratio=0.0, norm_cfg=dict(type='BN')),
+        train_cfg=dict(), test_cfg=dict(mode='whole'))
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        torch.manual_seed(0)
+        model = MODELS.build(cfg)
+    model.init_weights()
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    _step_changes_transforms(model, seg_batch(size=32), optim)
+
+
+def test_repl_inside_local_learner():
+    cfg = dict(type='mmlocal.LocalLearner', model=_retinanet_cfg(),
+               num_modules=2, aux=small_aux())
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        torch.manual_seed(0)
+        learner = MODELS.build(cfg)
+    learner.init_weights()
+    inner = learner.model.backbone
+    # LocalLearner splits the inner ResNet; replaced blocks run through it
+    assert learner._seq.backbone is inner.backbone
+    assert inner.backbone.layer3[1] in learner._seq.blocks
+    optim = KeepGradsOptimWrapper(torch.optim.SGD(learner.parameters(),
+                                                  lr=0.01))
+    log_vars = learner.train_step(det_batch(), optim)
+    assert torch.isfinite(log_vars['loss']) and 'loss_local0' in log_vars
+    for name, p in inner.replacements.named_parameters():
+        if name.endswith(('.a', '.b')):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------ converter
+def _load_tool():
+    path = osp.join(REPO, 'tools', 'model_converters', 'repl_fold.py')
+    spec = importlib.util.spec_from_file_location('repl_fold', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fold_tool_writes_a_stock_checkpoint(tmp_path):
+    cfg = Config(dict(model=_retinanet_cfg(), default_scope='mmdet'))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model)
+    randomize(model)
+    src, dst = str(tmp_path / 'repl.pth'), str(tmp_path / 'stock.pth')
+    stock_cfg = str(tmp_path / 'stock_cfg.py')
+    torch.save(dict(meta=dict(cfg=cfg.pretty_text),
+                    state_dict=model.state_dict()), src)
+    tool = _load_tool()
+    assert tool.main([src, dst, '--out-config', stock_cfg, '--verify']) == 0
+    out, _, diff = tool.fold_checkpoint(src, dst, verify=True, force=True)
+    assert diff <= 1e-5
+    assert all('replacements' not in k for k in out)
+    assert tool.main([src, dst]) == 1  # never overwrites silently
+
+    # the stock model loads it strictly, in a process without mmlocal
+    code = f"""
+import sys, torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
+cfg = Config.fromfile({stock_cfg!r})
+init_default_scope('mmdet')
+model = MODELS.build(cfg.model)
+model.load_state_dict(torch.load({dst!r})['state_dict'], strict=True)
+assert 'mmlocal' not in sys.modules and 'mmlocal' not in cfg.pretty_text
+print('OK')
+"""
+    proc = subprocess.run([sys.executable, '-c', code], cwd='/',
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'OK' in proc.stdout
