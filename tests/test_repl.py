@@ -43,17 +43,30 @@ def _scope(cfg):
     return 'mmseg' if 'mmseg.' in str(cfg.get('type')) else 'mmdet'
 
 
-def repl(backbone, seed=0, **kwargs):
-    cfg = dict(type='mmlocal.RepLBackbone', backbone=copy.deepcopy(backbone))
+_STOCK = {}
+
+
+def stock(backbone):
+    """A fresh stock backbone (built once per config, then copied: building
+    ResNet-50 or ViT-B is the slow part)."""
+    key = repr(sorted(backbone.items()))
+    if key not in _STOCK:
+        torch.manual_seed(0)
+        with DefaultScope.overwrite_default_scope(_scope(backbone)):
+            _STOCK[key] = MODELS.build(copy.deepcopy(backbone))
+    return copy.deepcopy(_STOCK[key])
+
+
+def repl(backbone, seed=0, from_cfg=False, **kwargs):
+    """A RepLBackbone around ``backbone`` (a copy of the cached stock
+    module, or built from the config with ``from_cfg``)."""
+    cfg = dict(type='mmlocal.RepLBackbone',
+               backbone=copy.deepcopy(backbone) if from_cfg else
+               stock(backbone))
     cfg.update(kwargs)
     torch.manual_seed(seed)
     with DefaultScope.overwrite_default_scope(_scope(backbone)):
         return MODELS.build(cfg)
-
-
-def stock(backbone):
-    with DefaultScope.overwrite_default_scope(_scope(backbone)):
-        return MODELS.build(copy.deepcopy(backbone))
 
 
 def trainable(module):
@@ -117,7 +130,7 @@ def test_resnet18_keeps_unmatched_conv1():
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(blocks=[0]), r'blocks=\[0\].*layer1\.0.*first block'),
-    (dict(blocks=[4]), r'blocks=\[4\].*layer2\.0.*first block'),
+    (dict(blocks=[3]), r'blocks=\[3\].*layer2\.0.*first block'),
     (dict(blocks=[99]), r'blocks=\[99\] out of range'),
     (dict(blocks=[-1]), r'blocks=\[-1\] out of range'),
     (dict(interval=1), r'interval=1 must be >= 2'),
@@ -146,7 +159,7 @@ def test_bad_plans_other_backbones():
         repl(CSP, blocks=[0])
     with pytest.raises(ValueError, match=r'backbone=MobileNetV2 is not '
                        r'supported by RepLBackbone'):
-        repl(dict(type='mmdet.MobileNetV2'), interval=2)
+        repl(dict(type='mmdet.MobileNetV2'), interval=2, from_cfg=True)
 
 
 # ------------------------------------------------------- parameter counts
@@ -328,7 +341,7 @@ def test_pretrained_neighbours_load_replaced_dropped(tmp_path):
     path = str(tmp_path / 'r18.pth')
     torch.save(src.state_dict(), path)
     model = repl(dict(R18, init_cfg=dict(type='Pretrained', checkpoint=path)),
-                 interval=2)
+                 interval=2, from_cfg=True)
     model.init_weights()
     for name, p in model.backbone.named_parameters():
         torch.testing.assert_close(p, src.state_dict()[name], msg=name)

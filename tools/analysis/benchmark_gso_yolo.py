@@ -1,0 +1,335 @@
+"""Parameters, FLOPs and CPU latency of GSO-YOLO against YOLOv8, RTMDet and
+YOLOX; optionally bbox mAP on the demo data after equal training.
+
+For every model (built from its config, randomly initialised: nothing is
+downloaded) the table gives
+
+- ``params``: all parameters;
+- ``FLOPs``: from ``mmengine.analysis.get_model_complexity_info`` on one
+  ``3 x H x W`` image; mmengine (like fvcore) counts one multiply-add as
+  one FLOP, the convention of the YOLOv8/RTMDet/YOLOX tables too;
+- ``latency``: median (and min) wall time of the network forward
+  (``mode='tensor'``: backbone, neck, head; no box decoding or NMS, whose
+  cost depends on how many boxes an untrained model lets through) at
+  batch 1, ``torch.no_grad()``, eval mode, after warm-up runs, on the CPU.
+
+Untrained BN statistics blow eval-mode activations up into denormal floats,
+which make CPU kernels several times slower to a degree that differs per
+model; the script flushes denormals to zero (``--keep-denormals`` to not).
+
+Examples::
+
+    python tools/analysis/benchmark_gso_yolo.py
+    python tools/analysis/benchmark_gso_yolo.py --runs 10 --threads 4 \\
+        --json work_dirs/gso_yolo_benchmark.json
+    python tools/analysis/benchmark_gso_yolo.py --models gso-yolo-n yolov8-n
+    # + bbox mAP of gso-yolo-n and yolov8-n trained on the demo data with
+    # the same schedule (tools/train.py, 300 iterations each)
+    python tools/analysis/benchmark_gso_yolo.py --models gso-yolo-n \\
+        yolov8-n --demo-map --demo-iters 300
+"""
+import argparse
+import copy
+import glob
+import json
+import os
+import os.path as osp
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+# make ``import mmlocal`` work from a plain checkout too
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+
+CONFIGS = {
+    'gso-yolo-s': 'configs/gso_yolo/gso-yolo_s_8xb16-300e_coco.py',
+    'yolov8-s': 'configs/gso_yolo/yolov8_s_8xb16-300e_coco.py',
+    'rtmdet-s': 'mmdet::rtmdet/rtmdet_s_8xb32-300e_coco.py',
+    'yolox-s': 'mmdet::yolox/yolox_s_8xb8-300e_coco.py',
+    'gso-yolo-n': 'configs/gso_yolo/gso-yolo_n_8xb16-300e_coco.py',
+    'yolov8-n': 'configs/gso_yolo/yolov8_n_8xb16-300e_coco.py',
+    'gso-yolo-m': 'configs/gso_yolo/gso-yolo_m_8xb16-300e_coco.py',
+}
+DEFAULT_MODELS = ['gso-yolo-s', 'yolov8-s', 'rtmdet-s', 'yolox-s']
+DEMO_CONFIGS = {
+    'gso-yolo-n': 'configs/gso_yolo/gso-yolo_n_1xb8-300i_demo-trees.py',
+    'yolov8-n': 'configs/gso_yolo/yolov8_n_1xb8-300i_demo-trees.py',
+}
+
+
+def load_config(config):
+    """A :class:`Config` from a path or an ``mmdet::`` name.
+
+    ``Config.fromfile('mmdet::...')`` is not supported by mmengine, so such
+    a name is loaded through a one-line wrapper ``_base_ = 'mmdet::...'``.
+    """
+    if '::' in config:
+        with tempfile.TemporaryDirectory() as tmp:
+            wrapper = osp.join(tmp, 'wrapper.py')
+            with open(wrapper, 'w') as f:
+                f.write(f'_base_ = {config!r}\n')
+            return Config.fromfile(wrapper)
+    path = config if osp.isabs(config) else osp.join(REPO, config)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {config!r} not found')
+    return Config.fromfile(path)
+
+
+def _drop_pretrained(node):
+    """Remove every ``init_cfg`` that loads weights (nothing downloads)."""
+    if isinstance(node, dict):
+        init_cfg = node.get('init_cfg')
+        if isinstance(init_cfg, dict) and \
+                init_cfg.get('type') == 'Pretrained':
+            node['init_cfg'] = None
+        for value in node.values():
+            _drop_pretrained(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _drop_pretrained(value)
+
+
+def build_model(cfg):
+    """The detector of ``cfg`` in eval mode, randomly initialised."""
+    from mmengine.registry import init_default_scope
+
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    from mmdet.registry import MODELS
+    model_cfg = copy.deepcopy(cfg.model)
+    _drop_pretrained(model_cfg)
+    model = MODELS.build(model_cfg)
+    model.init_weights()
+    return model.eval()
+
+
+def count_flops(model, shape):
+    from mmengine.analysis import get_model_complexity_info
+    with torch.no_grad():
+        info = get_model_complexity_info(
+            model, input_shape=shape, show_table=False, show_arch=False)
+    return info['flops']
+
+
+def time_forward(model, shape, runs, warmup):
+    x = torch.rand(1, *shape)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def benchmark(name, config, shape, runs, warmup):
+    cfg = load_config(config)
+    model = build_model(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    flops = count_flops(model, shape)
+    median_ms, min_ms = time_forward(model, shape, runs, warmup)
+    return dict(
+        model=name,
+        config=config,
+        params_m=params / 1e6,
+        flops_g=flops / 1e9,
+        latency_ms=median_ms,
+        latency_min_ms=min_ms)
+
+
+# ------------------------------------------------------------ demo mAP
+def _scalars(work_dir):
+    lines = []
+    for path in glob.glob(osp.join(work_dir, '*', 'vis_data',
+                                   'scalars.json')):
+        with open(path) as f:
+            lines += [json.loads(line) for line in f if line.strip()]
+    return lines
+
+
+def demo_map(name, iters, work_dir, data_root):
+    """Train ``name`` on the demo data for ``iters`` iterations with
+    tools/train.py and return its final bbox mAP / mAP50."""
+    if name not in DEMO_CONFIGS:
+        raise ValueError(f'--demo-map: no demo config for {name!r}; one of '
+                         f'{sorted(DEMO_CONFIGS)}')
+    out = osp.join(work_dir, name)
+    root = data_root.rstrip('/') + '/'
+    ann = root + 'annotations/instances_val.json'
+    cmd = [
+        sys.executable,
+        osp.join(REPO, 'tools', 'train.py'),
+        osp.join(REPO, DEMO_CONFIGS[name]), '--work-dir', out,
+        '--cfg-options', f'train_cfg.max_iters={iters}',
+        f'train_cfg.val_interval={iters}',
+        f'train_dataloader.dataset.data_root={root}',
+        f'val_dataloader.dataset.data_root={root}',
+        f'test_dataloader.dataset.data_root={root}',
+        f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}'
+    ]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f'training {name} failed:\n{proc.stderr[-3000:]}')
+    metrics = [s for s in _scalars(out) if 'coco/bbox_mAP' in s]
+    if not metrics:
+        raise RuntimeError(f'no coco/bbox_mAP logged in {out}')
+    return dict(
+        model=name,
+        config=DEMO_CONFIGS[name],
+        iters=iters,
+        bbox_mAP=metrics[-1]['coco/bbox_mAP'],
+        bbox_mAP_50=metrics[-1]['coco/bbox_mAP_50'],
+        train_minutes=(time.time() - start) / 60,
+        work_dir=out)
+
+
+# ----------------------------------------------------------------- output
+def format_table(rows, shape, threads):
+    lines = [
+        f'input 1x{shape[0]}x{shape[1]}x{shape[2]}, CPU, {threads} '
+        'threads, network forward (no NMS), FLOPs = multiply-adds',
+        '',
+        '| model | params (M) | FLOPs (G) | latency median (ms) | '
+        'latency min (ms) |',
+        '|---|---:|---:|---:|---:|',
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params_m']:.2f} | "
+                     f"{r['flops_g']:.2f} | {r['latency_ms']:.1f} | "
+                     f"{r['latency_min_ms']:.1f} |")
+    return '\n'.join(lines)
+
+
+def format_map_table(rows):
+    lines = [
+        '| model (demo data) | iters | bbox mAP | bbox mAP50 | train (min) |',
+        '|---|---:|---:|---:|---:|'
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['iters']} | {r['bbox_mAP']:.3f} "
+                     f"| {r['bbox_mAP_50']:.3f} | "
+                     f"{r['train_minutes']:.1f} |")
+    return '\n'.join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Params, FLOPs and CPU latency of GSO-YOLO vs. YOLOv8, '
+        'RTMDet and YOLOX',
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        '--models',
+        nargs='+',
+        default=DEFAULT_MODELS,
+        help=f'names among {sorted(CONFIGS)} or NAME=CONFIG pairs')
+    parser.add_argument(
+        '--shape', type=int, nargs=2, default=[640, 640],
+        help='input height and width')
+    parser.add_argument('--runs', type=int, default=5,
+                        help='timed forward passes (median reported)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch default)')
+    parser.add_argument(
+        '--keep-denormals',
+        action='store_true',
+        help='do not flush denormal floats to zero')
+    parser.add_argument('--json', help='write the results as JSON here')
+    parser.add_argument(
+        '--demo-map',
+        action='store_true',
+        help='also train each model on the demo data (tools/train.py) and '
+        'report its bbox mAP')
+    parser.add_argument('--demo-iters', type=int, default=300)
+    parser.add_argument('--demo-data-root', default=osp.join(
+        REPO, 'data', 'demo'))
+    parser.add_argument('--work-dir', default=osp.join(
+        REPO, 'work_dirs', 'benchmark_gso_yolo'))
+    return parser.parse_args(argv)
+
+
+def _resolve_models(names):
+    resolved = []
+    for item in names:
+        if '=' in item:
+            name, config = item.split('=', 1)
+        elif item in CONFIGS:
+            name, config = item, CONFIGS[item]
+        else:
+            raise ValueError(f'--models: unknown model {item!r}; use one of '
+                             f'{sorted(CONFIGS)} or NAME=CONFIG')
+        resolved.append((name, config))
+    return resolved
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        raise ValueError(f'--runs={args.runs} must be >= 1 and '
+                         f'--warmup={args.warmup} >= 0')
+    models = _resolve_models(args.models)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.keep_denormals:
+        torch.set_flush_denormal(True)
+    shape = (3, *args.shape)
+    rows = []
+    for name, config in models:
+        print(f'benchmarking {name} ({config}) ...', flush=True)
+        rows.append(benchmark(name, config, shape, args.runs, args.warmup))
+    threads = torch.get_num_threads()
+    print()
+    print(format_table(rows, shape, threads))
+    result = dict(
+        shape=list(shape),
+        threads=threads,
+        runs=args.runs,
+        warmup=args.warmup,
+        flush_denormal=not args.keep_denormals,
+        torch=torch.__version__,
+        cpu=_cpu_name(),
+        models=rows)
+    if args.demo_map:
+        if not osp.isdir(args.demo_data_root):
+            raise FileNotFoundError(
+                f'--demo-data-root {args.demo_data_root!r} not found; run '
+                'python tools/data/prepare_demo.py')
+        map_rows = []
+        for name, _ in models:
+            print(f'training {name} on the demo data '
+                  f'({args.demo_iters} iterations) ...', flush=True)
+            map_rows.append(
+                demo_map(name, args.demo_iters, args.work_dir,
+                         args.demo_data_root))
+        print()
+        print(format_map_table(map_rows))
+        result['demo_map'] = map_rows
+    if args.json:
+        os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+        print(f'\nwrote {args.json}')
+    return result
+
+
+def _cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+if __name__ == '__main__':
+    main()
