@@ -7,7 +7,9 @@ downloaded) the table gives
 - ``params``: all parameters;
 - ``FLOPs``: from ``mmengine.analysis.get_model_complexity_info`` on one
   ``3 x H x W`` image; mmengine (like fvcore) counts one multiply-add as
-  one FLOP, the convention of the YOLOv8/RTMDet/YOLOX tables too;
+  one FLOP and skips element-wise ops (activations, additions) and eval-mode
+  batch norm. Ultralytics' tables count 2 FLOPs per multiply-add (YOLOv8-s:
+  28.6 G there, about 14.3 G here);
 - ``latency``: median (and min) wall time of the network forward
   (``mode='tensor'``: backbone, neck, head; no box decoding or NMS, whose
   cost depends on how many boxes an untrained model lets through) at
@@ -129,10 +131,21 @@ def time_forward(model, shape, runs, warmup):
 
 
 def benchmark(name, config, shape, runs, warmup):
+    import logging
+
+    from mmengine.logging import MMLogger
     cfg = load_config(config)
-    model = build_model(cfg)
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    # quiet: init_weights reports every parameter, the FLOP counter every
+    # element-wise op it skips
+    logger.setLevel(logging.ERROR)
+    try:
+        model = build_model(cfg)
+        flops = count_flops(model, shape)
+    finally:
+        logger.setLevel(level)
     params = sum(p.numel() for p in model.parameters())
-    flops = count_flops(model, shape)
     median_ms, min_ms = time_forward(model, shape, runs, warmup)
     return dict(
         model=name,

@@ -52,6 +52,70 @@ def _num_classes(model, task):
     raise ValueError(f'cannot find num_classes in {type(model).__name__}')
 
 
+def _cascade_span(aux_nets):
+    """The cascade span ``w`` of two-stream families, ``None`` otherwise.
+
+    A family joins the cascade engine by having a ``cascade_span`` attribute
+    and a ``backward_streams`` method (see
+    :class:`~mmlocal.models.local.aux.cascade.CascadeLocalAux`); every
+    module's auxiliary net must agree on ``w``.
+    """
+    spans = {getattr(aux, 'cascade_span', None) for aux in aux_nets}
+    if not aux_nets or spans == {None}:
+        return None
+    if None in spans or len(spans) > 1:
+        raise ValueError(f'cascade_span differs between the auxiliary nets '
+                         f'of the modules: {sorted(map(str, spans))}')
+    span = spans.pop()
+    if not all(callable(getattr(aux, 'backward_streams', None))
+               for aux in aux_nets):
+        raise TypeError('an auxiliary net with cascade_span must implement '
+                        'backward_streams()')
+    return span
+
+
+class _ModuleGraph:
+    """Module ``j``'s retained graph in the cascade engine.
+
+    ``h = f_j(x)`` with ``x`` a leaf (the detached output of module ``j-1``),
+    so a backward pass through it stops at ``x``; ``x.grad`` is what the
+    cascade window hands on to module ``j-1``. ``pending`` collects the
+    gradients w.r.t. ``h`` that must *not* go further down (the independent
+    loss, and the share of every window that starts at ``j``); they are
+    back-propagated together, parameters only, when the graph is last used.
+    """
+
+    __slots__ = ('x', 'h', 'params', 'pending', 'keep')
+
+    def __init__(self, x, h, params, keep):
+        self.x = x
+        self.h = h
+        self.params = params
+        self.pending = None
+        self.keep = keep
+
+    def add_pending(self, grad):
+        if grad is not None:
+            self.pending = grad if self.pending is None else \
+                self.pending + grad
+
+    def backward_to_input(self, grad):
+        """Parameters of module j and ``x`` get ``J^T grad``; the graph is
+        kept; returns the gradient w.r.t. ``x``."""
+        torch.autograd.backward(self.h, grad, inputs=self.params + [self.x],
+                                retain_graph=True)
+        grad_x, self.x.grad = self.x.grad, None
+        return grad_x
+
+    def release(self):
+        """Back-propagate ``pending`` into the parameters only; free."""
+        if self.pending is not None and self.params:
+            torch.autograd.backward(self.h, self.pending,
+                                    inputs=self.params,
+                                    retain_graph=self.keep)
+        self.pending = self.h = self.x = None
+
+
 @MODELS.register_module()
 class LocalLearner(BaseModel):
     """Supervised local learning for any mmdet detector or mmseg segmentor.
@@ -157,7 +221,12 @@ class LocalLearner(BaseModel):
                 next_stride=infos[k]['next_stride'],
                 img_mean=mean,
                 img_std=std,
-                ignore_index=ignore_index)
+                ignore_index=ignore_index,
+                # families that copy later blocks (AugLocal, MLAAN) read the
+                # whole block sequence; it owns nothing (no duplicate keys)
+                extra=dict(block_sequence=self._seq,
+                           module_range=self.module_ranges[k],
+                           module_ranges=list(self.module_ranges)))
             cfg = copy.deepcopy(aux)
             cfg['module_info'] = info
             try:
@@ -171,6 +240,7 @@ class LocalLearner(BaseModel):
                 raise
         # mmengine's ModuleList: init_weights reaches the aux heads' init_cfg
         self.aux_nets = ModuleList(aux_nets)
+        self.cascade_span = _cascade_span(aux_nets)
 
     # ------------------------------------------------------------------
     # inference: exactly the wrapped model
@@ -224,9 +294,35 @@ class LocalLearner(BaseModel):
             self._mark('module0')
             return log_vars
 
-        seq = self._seq
         outs = {}
         local_logs = OrderedDict()
+        train_modules = (self._train_local_modules if self.cascade_span is None
+                         else self._train_cascade_modules)
+        x, local_total = train_modules(inputs, data_samples, optim_wrapper,
+                                       outs, local_logs)
+
+        start = self.module_ranges[-1][0]
+        with optim_wrapper.optim_context(self):
+            with self._backbone_runs_last_module(x, start, outs):
+                losses = self.model.loss(inputs, data_samples)
+        loss, log_vars = self.parse_losses(losses)
+        optim_wrapper.update_params(loss)
+        self._mark(f'module{self.num_modules - 1}')
+
+        log_vars['loss'] = log_vars['loss'] + local_total
+        log_vars.update(local_logs)
+        return log_vars
+
+    def _train_local_modules(self, inputs, data_samples, optim_wrapper,
+                             outs, local_logs):
+        """Modules ``0..K-2``, each trained by its own aux loss alone (DGL,
+        InfoPro, MAN, AugLocal).
+
+        Returns:
+            tuple: ``(x, total)``: the detached input of the last module and
+            the sum of the local losses (for logging).
+        """
+        seq = self._seq
         local_total = 0.
         x = inputs
         for k, (start, end) in enumerate(self.module_ranges[:-1]):
@@ -251,18 +347,113 @@ class LocalLearner(BaseModel):
                     local_logs[f'local{k}.{name}'] = value
             local_total = local_total + loss_k.detach()
             self._mark(f'module{k}')
+        return x, local_total
 
-        start = self.module_ranges[-1][0]
-        with optim_wrapper.optim_context(self):
-            with self._backbone_runs_last_module(x, start, outs):
-                losses = self.model.loss(inputs, data_samples)
-        loss, log_vars = self.parse_losses(losses)
-        optim_wrapper.update_params(loss)
-        self._mark(f'module{self.num_modules - 1}')
+    # ------------------------------------------------------------------
+    # cascade windows (HPFF, MLAAN)
+    def _module_params(self, k):
+        """Trainable parameters of module ``k`` (its blocks; module 0 also
+        the stem, i.e. every backbone parameter outside the blocks)."""
+        start, end = self.module_ranges[k]
+        params = [p for block in self._seq.blocks[start:end]
+                  for p in block.parameters()]
+        if k == 0:
+            in_blocks = {id(p) for block in self._seq.blocks
+                         for p in block.parameters()}
+            params = [p for p in self.model.backbone.parameters()
+                      if id(p) not in in_blocks] + params
+        return [p for p in params if p.requires_grad]
 
-        log_vars['loss'] = log_vars['loss'] + local_total
-        log_vars.update(local_logs)
-        return log_vars
+    def _train_cascade_modules(self, inputs, data_samples, optim_wrapper,
+                               outs, local_logs):
+        """Modules ``0..K-2`` of a two-stream family with cascade span ``w``.
+
+        Module ``k`` has an independent loss ``L_ind^k`` on its own output
+        and a cascade loss ``L_cas^k`` on the output of the window
+        ``W_k = {s..k}``, ``s = max(0, k - w + 1)``, run from the detached
+        input of module ``s``. The gradient is that of
+
+        .. math::  \\sum_k w_x L_{ind}^k(f_k(sg(h_{k-1})))
+                   + w_y L_{cas}^k(f_k \\circ .. \\circ f_s(sg(h_{s-1})))
+
+        Within one iteration both streams carry the same activations
+        (parameters change only at the optimizer step), so every module is
+        run **once**, on a detached leaf input, and its graph ``G_j`` is kept
+        while a window still needs it (``w`` graphs at a time):
+
+        1. the aux net turns ``h_k`` into its losses on two detached leaves
+           (one per stream) and back-propagates them at once (with
+           ``local_backward``'s scaling; PFF does it patch by patch), which
+           leaves ``g_ind`` and ``g_cas`` = dL/dh_k on the leaves and frees
+           the aux graph;
+        2. ``g_cas`` goes down the window: through ``G_k, .., G_{s+1}``
+           (parameters and input: ``x_j.grad`` is the gradient at
+           ``h_{j-1}``), and is added to ``G_s``'s *pending* gradient, which
+           never reaches below ``s``; ``g_ind`` is pending on ``G_k``;
+        3. a graph's pending gradient is back-propagated (parameters only)
+           when its last window has passed, and the graph is freed.
+
+        Gradients equal one backward of the sum above (tested), with
+        ``1 + (w - 1)`` backward passes per module instead of the
+        reference's ``w + 1`` forward and backward passes.
+
+        Returns:
+            tuple: ``(x, total)``: the detached input of the last module and
+            the sum of the local losses (for logging).
+        """
+        seq = self._seq
+        span = self.cascade_span
+        last_aux = self.num_modules - 2
+        graphs = {}
+        total = 0.
+
+        def backward(loss):
+            local_backward(optim_wrapper, loss)
+
+        def forward_context():
+            return optim_wrapper.optim_context(self)
+
+        x = inputs
+        for k, (start, end) in enumerate(self.module_ranges[:-1]):
+            if k > 0:
+                # a leaf: a window that continues below k reads x.grad
+                x = x.detach().requires_grad_(span > 1)
+            with forward_context():
+                h = seq.forward_stem(x, outs) if k == 0 else x
+                before = set(outs)
+                h = seq.forward_blocks(h, start, end, outs)
+                produced = set(outs) - before
+            keep = any(s in self.attach_stages for s in produced)
+            graphs[k] = _ModuleGraph(x, h, self._module_params(k), keep)
+            h_ind = h.detach().requires_grad_()
+            h_cas = h.detach().requires_grad_()
+            logs = self.aux_nets[k].backward_streams(
+                h_ind, h_cas, inputs, data_samples, backward=backward,
+                forward_context=forward_context)
+            graphs[k].add_pending(h_ind.grad)
+            grad, first = h_cas.grad, max(0, k - span + 1)
+            for j in range(k, first, -1):
+                if grad is None:
+                    break
+                grad = graphs[j].backward_to_input(grad)
+            graphs[first].add_pending(grad)
+            del h_ind, h_cas, grad
+            for j in sorted(graphs):
+                # G_j is last used by window j + w - 1 (or the last aux)
+                if j + span - 1 <= k or k == last_aux:
+                    graphs.pop(j).release()
+            for s in produced:
+                if s not in self.attach_stages:
+                    outs[s] = outs[s].detach()
+            x = h.detach()
+            del h
+            loss_k = sum(logs.values()) if logs else torch.zeros(())
+            local_logs[f'loss_local{k}'] = loss_k
+            for name, value in logs.items():
+                local_logs[f'local{k}.{name}'] = value
+            total = total + loss_k
+            self._mark(f'module{k}')
+        return x, total
 
     def _mark(self, name):
         if self.phase_callback is not None:

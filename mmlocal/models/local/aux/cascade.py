@@ -1,0 +1,204 @@
+import copy
+
+from mmlocal.registry import MODELS
+from .infopro import InfoProAux
+from .pff import iter_patches
+
+
+class CascadeLocalAux(InfoProAux):
+    """Base of the two-stream families: independent + cascade local modules.
+
+    HPFF's HiLo (Su et al., ECCV 2024) and MLAAN's multilaminar local
+    modules (Zhang et al., AAAI 2025) train module ``k`` with two losses:
+
+    .. math::
+        \\mathcal{L}_k = w_x \\, \\mathcal{L}_{ind}(g_k(f_k(sg(h_{k-1}))))
+          + w_y \\, \\mathcal{L}_{cas}\\big(a_k(f_k \\circ \\dots \\circ
+            f_s(sg(h_{s-1})))\\big),\\qquad s = \\max(0, k - w + 1)
+
+    The **independent** loss (a light task head ``g_k``) reaches module ``k``
+    only; the **cascade** loss (InfoPro-style task head + optional
+    reconstruction ``a_k``, after the family's :meth:`transform`) reaches the
+    ``w = cascade_span`` modules of the window ``s..k``. ``LocalLearner``
+    runs the windows (:meth:`LocalLearner._train_cascade_modules`); this
+    class computes the two losses on module ``k``'s output and
+    back-propagates them to two detached copies of it
+    (:meth:`backward_streams`).
+
+    **Patch Feature Fusion** (``patch_grid=P > 1``): the cascade aux input
+    is cut into a P x P grid; each patch is processed by the aux net against
+    the ground truth of its image region, and the patch losses are averaged:
+    ``L_cas = 1/P^2 sum_p L_cas(a_k(h_p), GT_p)``. Patches are processed one
+    after the other and each patch's share is back-propagated at once, so
+    the aux net's activations exist for one patch at a time (the gradient is
+    that of the averaged loss; :meth:`loss` computes the same loss in one
+    graph).
+
+    Args:
+        module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
+        cascade_span (int): ``w``, modules per cascade window, in
+            ``[1, K]``. Default 2.
+        independent_weight (float): ``w_x``. Default 0.001 (reference).
+        cascade_weight (float): ``w_y``. Default 0.999 (reference).
+        independent_det_head (dict, optional): Overrides of the independent
+            :class:`DetAuxHead` (default: 64 channels, one level).
+        independent_seg_head (dict, optional): Overrides of the independent
+            :class:`SegAuxHead` (default: 64 channels).
+        patch_grid (int): ``P``; 1 = no PFF. Default 1.
+        patch_remainder (str): ``'error'`` (P must divide the feature map)
+            or ``'uneven'`` (patches differ by at most one row/column).
+        **kwargs: :class:`InfoProAux` options of the cascade aux
+            (``recon_weight``, ``task_weight``, heads).
+    """
+
+    def __init__(self,
+                 module_info,
+                 cascade_span=2,
+                 independent_weight=0.001,
+                 cascade_weight=0.999,
+                 independent_det_head=None,
+                 independent_seg_head=None,
+                 patch_grid=1,
+                 patch_remainder='error',
+                 **kwargs):
+        num_modules = module_info.num_modules
+        if isinstance(cascade_span, bool) or not isinstance(
+                cascade_span, int) or not 1 <= cascade_span <= num_modules:
+            raise ValueError(
+                f'cascade_span={cascade_span!r} must be an int in [1, K] '
+                f'(K={num_modules} modules)')
+        if isinstance(patch_grid, bool) or not isinstance(
+                patch_grid, int) or patch_grid < 1:
+            raise ValueError(f'patch_grid={patch_grid!r} must be an int '
+                             '>= 1 (1 = no patch feature fusion)')
+        if patch_remainder not in ('error', 'uneven'):
+            raise ValueError(f"patch_remainder={patch_remainder!r} must be "
+                             "'error' or 'uneven'")
+        for name, value in (('independent_weight', independent_weight),
+                            ('cascade_weight', cascade_weight)):
+            if not value >= 0:
+                raise ValueError(f'{name}={value} must be >= 0')
+        self.cascade_span = cascade_span
+        self.independent_weight = float(independent_weight)
+        self.cascade_weight = float(cascade_weight)
+        self.patch_grid = patch_grid
+        self.patch_remainder = patch_remainder
+        self.in_stride = module_info.stride
+        super().__init__(module_info, **kwargs)
+        if self.task == 'det':
+            cfg = dict(type='mmlocal.DetAuxHead',
+                       in_channels=module_info.in_channels,
+                       stride=module_info.stride,
+                       num_classes=module_info.num_classes,
+                       feat_channels=64, num_levels=1)
+            cfg.update(copy.deepcopy(independent_det_head or {}))
+        else:
+            cfg = dict(type='mmlocal.SegAuxHead',
+                       in_channels=module_info.in_channels,
+                       num_classes=module_info.num_classes,
+                       ignore_index=module_info.ignore_index, channels=64)
+            cfg.update(copy.deepcopy(independent_seg_head or {}))
+        self.independent_head = MODELS.build(cfg)
+
+    # -- the two streams ---------------------------------------------------
+    def independent_loss(self, h, inputs, data_samples):
+        """Task loss of the light head on module k's own output."""
+        return self.independent_head.loss(h, inputs, data_samples)
+
+    def cascade_loss(self, h, inputs, data_samples):
+        """InfoPro-style loss on ``transform(h)`` (``h``: window output)."""
+        return InfoProAux.loss(self, h, inputs, data_samples)
+
+    def patches(self, h, inputs, data_samples):
+        """The PFF grid over ``h``: ``(h_p, inputs_p, samples_p)``."""
+        return list(iter_patches(h, inputs, data_samples, self.patch_grid,
+                                 self.in_stride, self.task,
+                                 self.patch_remainder))
+
+    @staticmethod
+    def _total(losses):
+        return sum(losses.values())
+
+    @staticmethod
+    def _cascade_name(name):
+        """``loss_cls`` -> ``loss_cas_cls`` (logged next to ``loss_ind``)."""
+        return 'loss_cas_' + name[len('loss_'):] if \
+            name.startswith('loss_') else 'cas_' + name
+
+    def _weighted(self, independent, cascade):
+        """``loss_ind`` (times ``w_x``) and ``loss_cas_*`` (times ``w_y``);
+        their sum is the local loss of module k."""
+        losses = {'loss_ind': self.independent_weight *
+                  self._total(independent)}
+        for name, value in cascade.items():
+            losses[self._cascade_name(name)] = self.cascade_weight * value
+        return losses
+
+    def loss(self, h, inputs, data_samples):
+        """Both streams on the same ``h``, in one graph: the local objective
+        of a window of one module (with PFF, the patch average).
+
+        Returns:
+            dict[str, Tensor]: ``loss_ind`` and ``loss_cas_*``, weighted,
+            attached.
+        """
+        independent = self.independent_loss(h, inputs, data_samples)
+        if self.patch_grid == 1:
+            cascade = self.cascade_loss(h, inputs, data_samples)
+        else:
+            cascade = {}
+            patches = self.patches(h, inputs, data_samples)
+            for patch in patches:
+                for name, value in self.cascade_loss(*patch).items():
+                    cascade[name] = cascade.get(name, 0.) + \
+                        value / len(patches)
+        return self._weighted(independent, cascade)
+
+    def backward_streams(self, h_independent, h_cascade, inputs,
+                         data_samples, backward, forward_context):
+        """Compute both losses of module k and back-propagate them now.
+
+        Args:
+            h_independent, h_cascade (Tensor): Two detached leaves holding
+                module k's output (values of both streams are equal within
+                an iteration); their ``.grad`` is what ``LocalLearner``
+                sends down module k and the cascade window.
+            inputs (Tensor): Preprocessed images.
+            data_samples (list): GT.
+            backward (callable): ``backward(loss)`` back-propagates a scalar
+                now, scaled like the model's loss (``local_backward``).
+            forward_context (callable): Returns the context to run forwards
+                in (AMP autocast).
+
+        Returns:
+            dict[str, Tensor]: Detached weighted loss terms (for logging).
+        """
+        with forward_context():
+            independent = self.independent_loss(h_independent, inputs,
+                                                data_samples)
+        ind = self.independent_weight * self._total(independent)
+        if self.patch_grid == 1:
+            with forward_context():
+                cascade = self.cascade_loss(h_cascade, inputs, data_samples)
+            backward(ind + self.cascade_weight * self._total(cascade))
+            return self._detached(independent, cascade)
+        backward(ind)
+        del ind
+        cascade = {}
+        patches = self.patches(h_cascade, inputs, data_samples)
+        share = self.cascade_weight / len(patches)
+        for patch in patches:
+            with forward_context():
+                losses = self.cascade_loss(*patch)
+            # this patch's share now: its aux activations are freed before
+            # the next patch runs; h_cascade.grad accumulates the sum
+            backward(share * self._total(losses))
+            for name, value in losses.items():
+                cascade[name] = cascade.get(name, 0.) + \
+                    value.detach() / len(patches)
+            del losses, patch
+        return self._detached(independent, cascade)
+
+    def _detached(self, independent, cascade):
+        return {name: value.detach() for name, value in self._weighted(
+            independent, cascade).items()}

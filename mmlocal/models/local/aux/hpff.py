@@ -1,0 +1,47 @@
+from mmlocal.registry import MODELS
+from .cascade import CascadeLocalAux
+
+
+@MODELS.register_module()
+class HPFFAux(CascadeLocalAux):
+    """HPFF: Hierarchical locally supervised learning with Patch Feature
+    Fusion (Su et al., ECCV 2024).
+
+    **HiLo**: module k is trained by an independent local module (a light
+    head on its own output) and a cascade local module joining modules
+    ``k-1`` and ``k`` (``cascade_span=2``):
+
+    .. math::
+        \\mathcal{L}_k = w_x\\,\\mathcal{L}_{task}(g_k(f_k(sg(h_{k-1}))))
+            + w_y\\,\\big[\\lambda_1 \\mathrm{BCE}(D_k(z_k), x)
+            + \\lambda_2 \\mathcal{L}_{task}(c_k(z_k))\\big],\\quad
+        z_k = f_k(f_{k-1}(sg(h_{k-2})))
+
+    with ``w_x = 0.001``, ``w_y = 0.999`` and InfoPro's ``lambda``
+    (``recon_weight``, ``task_weight``).
+
+    **PFF**: the cascade aux input ``z_k`` is cut into a ``P x P`` grid
+    (``patch_grid``, 2 = the reference's quadrants); each patch is decoded
+    and classified against the ground truth of its region and the patch
+    losses are averaged,
+
+    .. math::
+        \\mathcal{L}_{cas} = \\frac{1}{P^2} \\sum_{p}
+            \\mathcal{L}_{cas}(z_k^{(p)}, \\mathrm{GT}^{(p)}),
+
+    processed patch by patch with each share back-propagated at once, so the
+    aux activations of only one patch are alive (the reference's PFF keeps
+    all patches in one graph and saves nothing).
+
+    Args:
+        module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
+        cascade_span (int): Modules per cascade window. Default 2 (HiLo).
+        patch_grid (int): ``P``. Default 2; 1 disables PFF.
+        **kwargs: :class:`CascadeLocalAux` options (``independent_weight``,
+            ``cascade_weight``, ``patch_remainder``, heads) and InfoPro's
+            ``recon_weight`` (1.5) / ``task_weight`` (1.0).
+    """
+
+    def __init__(self, module_info, cascade_span=2, patch_grid=2, **kwargs):
+        super().__init__(module_info, cascade_span=cascade_span,
+                         patch_grid=patch_grid, **kwargs)

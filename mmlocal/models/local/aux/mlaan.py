@@ -1,0 +1,161 @@
+import copy
+import warnings
+
+import torch
+import torch.nn as nn
+
+from mmlocal.registry import MODELS
+from .auglocal import (STAGE_TRANSITIONS, block_sequence_of, build_layer,
+                       plan_block_stack, reset_parameters,
+                       sample_later_blocks, stack_output)
+from .cascade import CascadeLocalAux
+
+
+@MODELS.register_module()
+class MLAANAux(CascadeLocalAux):
+    """Multilaminar Leap Augmented Auxiliary Network (Zhang et al., AAAI
+    2025).
+
+    **Multilaminar local modules** (MLM): module k has an independent loss
+    on its own output and a cascade loss on the output of the window of the
+    last ``w = cascade_span`` modules (2 in the reference CIFAR code, 3 on
+    ImageNet), see :class:`CascadeLocalAux`:
+
+    .. math::
+        \\mathcal{L}_k = w_x \\mathcal{L}_{ind}(g_k(h_k))
+            + w_y \\mathcal{L}_{task}\\big(c_k(\\mathrm{LAM}_k(z_k))\\big),
+        \\quad z_k = f_k \\circ \\dots \\circ f_{k-w+1}(sg(h_{k-w}))
+
+    **Leap augmented modules** (LAM): the cascade aux net is an
+    AugLocal-style stack of copies of later blocks ``B_{j_1} .. B_{j_d}``
+    (sampled uniformly, :func:`uniform_layer_indices`); its first block is
+    MAN's learnable + momentum pair:
+
+    .. math::
+        \\mathrm{LAM}_k(z) = \\tilde B_{j_d} \\circ \\dots \\circ
+            \\tilde B_{j_2}\\big(LB_k(z) + EMA_k(z)\\big),\\qquad
+        \\theta_{EMA_k} \\leftarrow m\\,\\theta_{EMA_k}
+            + (1 - m)\\,\\theta_{B_{j_1}}
+
+    ``EMA_k`` is a frozen copy of the live block ``B_{j_1}``, updated after
+    every optimizer step by :class:`MomentumAuxHook` for **every** module
+    (the reference CIFAR code only updates the last aux net). ``LB_k`` and
+    the other copies are trainable with fresh weights.
+
+    Args:
+        module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
+        cascade_span (int): ``w``, 2 or 3 in the reference. Default 2.
+        momentum (float): ``m`` in (0, 1). Default 0.995 (README).
+        aux_depth (int): ``d``, blocks of the leap stack. Default 2.
+        stage_transition (str): How sampled blocks are made
+            shape-consistent, see :func:`plan_block_stack`.
+        init_ema_from_source (bool): Start ``EMA_k`` equal to ``B_{j_1}``
+            (after pretrained weights are loaded). Default True.
+        init_lb_from_source (bool): Start ``LB_k`` equal to it too.
+            Default False.
+        ema_buffers (bool): Also average BN running statistics. Default
+            False (reference: parameters only).
+        recon_weight (float, optional): Reconstruction term of the cascade
+            aux. Default None (the reference's cascade loss is CE only).
+        **kwargs: :class:`CascadeLocalAux` options (``independent_weight``,
+            ``cascade_weight``, heads, ``patch_grid``).
+    """
+
+    def __init__(self,
+                 module_info,
+                 cascade_span=2,
+                 momentum=0.995,
+                 aux_depth=2,
+                 stage_transition='entry_block',
+                 init_ema_from_source=True,
+                 init_lb_from_source=False,
+                 ema_buffers=False,
+                 recon_weight=None,
+                 **kwargs):
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f'momentum={momentum} must be in (0, 1)')
+        if isinstance(aux_depth, bool) or not isinstance(
+                aux_depth, int) or aux_depth < 1:
+            raise ValueError(f'aux_depth={aux_depth!r} must be an int >= 1')
+        if stage_transition not in STAGE_TRANSITIONS:
+            raise ValueError(f'stage_transition={stage_transition!r} must '
+                             f'be one of {STAGE_TRANSITIONS}')
+        self.momentum = momentum
+        self.aux_depth = aux_depth
+        self.stage_transition = stage_transition
+        self.init_ema_from_source = init_ema_from_source
+        self.init_lb_from_source = init_lb_from_source
+        self.ema_buffers = ema_buffers
+        super().__init__(module_info, cascade_span=cascade_span,
+                         recon_weight=recon_weight, **kwargs)
+        self._warned_no_hook = False
+        self.ema_driven = False  # set by MomentumAuxHook
+
+    def build_transform(self, module_info):
+        seq, (_, end) = block_sequence_of(module_info)
+        self.sampled_layers, self.sampled_blocks = sample_later_blocks(
+            module_info, self.aux_depth)
+        self.plan = plan_block_stack(seq, end - 1, self.sampled_blocks,
+                                     self.stage_transition)
+        first = next(i for i, item in enumerate(self.plan)
+                     if item[0] == 'block')
+        self.source_block = self.plan[first][1]
+        source = seq.blocks[self.source_block]
+        # not a submodule: the backbone owns it
+        self._source = [source]
+        # 1x1 adapters before the first block ('adapter' transition only)
+        self.pre = nn.Sequential(
+            *(build_layer(seq, item) for item in self.plan[:first]))
+        self.lb = build_layer(seq, self.plan[first])
+        self.ema = copy.deepcopy(source)
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.post = nn.Sequential(
+            *(build_layer(seq, item) for item in self.plan[first + 1:]))
+        return stack_output(seq, self.plan)
+
+    @property
+    def source(self):
+        """The live block ``B_{j_1}`` the EMA copy follows."""
+        return self._source[0]
+
+    def init_weights(self):
+        """Fresh weights for the copies (the hook then syncs the EMA copy,
+        and LB if asked, from the source)."""
+        super().init_weights()
+        for module in (self.pre, self.lb, self.ema, self.post):
+            reset_parameters(module)
+
+    @torch.no_grad()
+    def sync_from_source(self):
+        """Copy ``B_{j_1}`` into the EMA (and LB) copy as the options ask."""
+        if self.init_ema_from_source:
+            self.ema.load_state_dict(self.source.state_dict())
+        if self.init_lb_from_source:
+            self.lb.load_state_dict(self.source.state_dict())
+
+    @torch.no_grad()
+    def update_ema(self):
+        """``theta_EMA <- m * theta_EMA + (1 - m) * theta_B``."""
+        m = self.momentum
+        for p_ema, p_src in zip(self.ema.parameters(),
+                                self.source.parameters()):
+            p_ema.mul_(m).add_(p_src.detach(), alpha=1 - m)
+        if self.ema_buffers:
+            for b_ema, b_src in zip(self.ema.buffers(),
+                                    self.source.buffers()):
+                if b_ema.dtype.is_floating_point:
+                    b_ema.mul_(m).add_(b_src, alpha=1 - m)
+                else:
+                    b_ema.copy_(b_src)
+
+    def transform(self, h):
+        if self.training and not self.ema_driven and \
+                not self._warned_no_hook:
+            warnings.warn('MLAANAux is training without '
+                          'mmlocal.MomentumAuxHook: its EMA copies are not '
+                          'updated. Add custom_hooks=[dict(type='
+                          '"mmlocal.MomentumAuxHook")].')
+            self._warned_no_hook = True
+        z = self.pre(h)
+        return self.post(self.lb(z) + self.ema(z))
