@@ -14,6 +14,9 @@ downloaded) the table gives
   (``mode='tensor'``: backbone, neck, head; no box decoding or NMS, whose
   cost depends on how many boxes an untrained model lets through) at
   batch 1, ``torch.no_grad()``, eval mode, after warm-up runs, on the CPU.
+  The models take turns (one forward each per round), so a machine whose
+  load changes affects them alike; on a shared machine ``min`` is the
+  steadier figure.
 
 Untrained BN statistics blow eval-mode activations up into denormal floats,
 which make CPU kernels several times slower to a degree that differs per
@@ -118,19 +121,30 @@ def count_flops(model, shape):
     return info['flops']
 
 
-def time_forward(model, shape, runs, warmup):
+def time_forwards(models, shape, runs, warmup):
+    """Median and min forward time (ms) of every model.
+
+    The models take turns, one forward each per round, so that a load that
+    changes over time (other processes on a shared machine) affects them
+    alike.
+    """
     x = torch.rand(1, *shape)
-    times = []
+    times = {name: [] for name in models}
     with torch.no_grad():
         for i in range(warmup + runs):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {
+        name: (statistics.median(t) * 1e3, min(t) * 1e3)
+        for name, t in times.items()
+    }
 
 
-def benchmark(name, config, shape, runs, warmup):
+def measure(name, config, shape):
+    """Build ``config``'s model; return it and its params/FLOPs row."""
     import logging
 
     from mmengine.logging import MMLogger
@@ -146,14 +160,11 @@ def benchmark(name, config, shape, runs, warmup):
     finally:
         logger.setLevel(level)
     params = sum(p.numel() for p in model.parameters())
-    median_ms, min_ms = time_forward(model, shape, runs, warmup)
-    return dict(
+    return model, dict(
         model=name,
         config=config,
         params_m=params / 1e6,
-        flops_g=flops / 1e9,
-        latency_ms=median_ms,
-        latency_min_ms=min_ms)
+        flops_g=flops / 1e9)
 
 
 # ------------------------------------------------------------ demo mAP
@@ -294,10 +305,16 @@ def main(argv=None):
     if not args.keep_denormals:
         torch.set_flush_denormal(True)
     shape = (3, *args.shape)
-    rows = []
+    rows, built = [], {}
     for name, config in models:
-        print(f'benchmarking {name} ({config}) ...', flush=True)
-        rows.append(benchmark(name, config, shape, args.runs, args.warmup))
+        print(f'building {name} ({config}) ...', flush=True)
+        built[name], row = measure(name, config, shape)
+        rows.append(row)
+    print(f'timing {args.warmup} + {args.runs} forwards per model, taking '
+          'turns ...', flush=True)
+    latencies = time_forwards(built, shape, args.runs, args.warmup)
+    for row in rows:
+        row['latency_ms'], row['latency_min_ms'] = latencies[row['model']]
     threads = torch.get_num_threads()
     print()
     print(format_table(rows, shape, threads))

@@ -27,11 +27,11 @@ class ReconDecoder(BaseModule):
     Args:
         in_channels (int): Channels of ``y``.
         stride (int): Stride of ``y``.
-        out_stride (int): Stride of the reconstructed image. Default 2.
+        out_stride (int): Stride of the reconstructed image. Default 4.
         channels (int): Width after the projection. Default 128.
     """
 
-    def __init__(self, in_channels, stride, out_stride=2, channels=128,
+    def __init__(self, in_channels, stride, out_stride=4, channels=128,
                  norm_cfg=dict(type='BN'), init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if out_stride > stride or stride % out_stride:
