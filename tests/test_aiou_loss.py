@@ -30,8 +30,8 @@ CASES = {
     'disjoint': ((0, 0, 2, 2), (4, 0, 6, 2), 1 + 16 / 40, 1 + 16 / 40),
     # transposed 4x2 vs 2x4: IoU = 4/12, c^2 = 32, rho^2 = 2; IoU <= 0.5
     # so CIoU's aspect term is off; EIoU: (4-2)^2/16 twice
-    'transposed': ((0, 0, 4, 2), (0, 0, 2, 4), 1 - 1 / 3 + 2 / 32,
-                   1 - 1 / 3 + 2 / 32 + 0.5),
+    'transposed':
+    ((0, 0, 4, 2), (0, 0, 2, 4), 1 - 1 / 3 + 2 / 32, 1 - 1 / 3 + 2 / 32 + 0.5),
     # 10x8 vs 10x10: IoU = 0.8, c^2 = 200, rho^2 = 1,
     # v = 4/pi^2 (atan 1 - atan 1.25)^2, a = v / (0.2 + v); EIoU: 2^2/10^2
     'aspect': ((0, 0, 10, 8), (0, 0, 10, 10), None, 1 - 0.8 + 1 / 200 + 0.04),
@@ -60,8 +60,9 @@ def test_ciou_aspect_term_without_gate():
     # 'transposed' with the YOLOv8 CIoU (no IoU gate): a = v / (1 - IoU + v)
     v = V_FACTOR * (math.atan(0.5) - math.atan(2.0))**2
     expected = 1 - 1 / 3 + 2 / 32 + v / (2 / 3 + v) * v
-    loss = AIoULoss(alpha=1.0, ciou_iou_thr=None, reduction='none',
-                    eps=1e-9)(_boxes((0, 0, 4, 2)), _boxes((0, 0, 2, 4)))
+    loss = AIoULoss(
+        alpha=1.0, ciou_iou_thr=None, reduction='none', eps=1e-9)(_boxes(
+            (0, 0, 4, 2)), _boxes((0, 0, 2, 4)))
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -75,10 +76,9 @@ def _random_boxes(n, seed):
 def _random_pairs(n=64, seed=0):
     target = _random_boxes(n, seed)
     # half the predictions near their targets (IoU > 0.5), half anywhere
-    near = target[:n // 2] + torch.randn(n // 2, 4, generator=torch.Generator(
-    ).manual_seed(seed + 1)) * 2
-    near = torch.cat([near[:, :2], torch.max(near[:, 2:], near[:, :2] + 1)],
-                     1)
+    near = target[:n // 2] + torch.randn(
+        n // 2, 4, generator=torch.Generator().manual_seed(seed + 1)) * 2
+    near = torch.cat([near[:, :2], torch.max(near[:, 2:], near[:, :2] + 1)], 1)
     pred = torch.cat([near, _random_boxes(n - n // 2, seed + 2)])
     return pred, target
 
@@ -105,14 +105,14 @@ def _eiou(pred, target, eps=1e-6):
           torch.max(pred[:, 1], target[:, 1])).clamp(min=0)
     inter = iw * ih
     iou = inter / (w1 * h1 + w2 * h2 - inter + eps)
-    cw = torch.max(pred[:, 2], target[:, 2]) - torch.min(pred[:, 0],
-                                                         target[:, 0])
-    ch = torch.max(pred[:, 3], target[:, 3]) - torch.min(pred[:, 1],
-                                                         target[:, 1])
+    cw = torch.max(pred[:, 2], target[:, 2]) - torch.min(
+        pred[:, 0], target[:, 0])
+    ch = torch.max(pred[:, 3], target[:, 3]) - torch.min(
+        pred[:, 1], target[:, 1])
     dx = (pred[:, 0] + pred[:, 2] - target[:, 0] - target[:, 2]) / 2
     dy = (pred[:, 1] + pred[:, 3] - target[:, 1] - target[:, 3]) / 2
-    return (1 - iou + (dx**2 + dy**2) / (cw**2 + ch**2 + eps) +
-            (w1 - w2)**2 / (cw**2 + eps) + (h1 - h2)**2 / (ch**2 + eps))
+    return (1 - iou + (dx**2 + dy**2) / (cw**2 + ch**2 + eps) + (w1 - w2)**2 /
+            (cw**2 + eps) + (h1 - h2)**2 / (ch**2 + eps))
 
 
 def test_alpha_zero_is_eiou_and_gamma_is_focal():
@@ -137,8 +137,8 @@ def test_gradients_finite(ciou_iou_thr, gamma):
     pred = torch.cat([pred, torch.tensor([[10., 10., 610., 410.]])])
     target = torch.cat([target, torch.tensor([[10., 10., 610., 410.]])])
     pred.requires_grad_(True)
-    loss_fn = AIoULoss(gamma=gamma, ciou_iou_thr=ciou_iou_thr,
-                       reduction='none')
+    loss_fn = AIoULoss(
+        gamma=gamma, ciou_iou_thr=ciou_iou_thr, reduction='none')
     loss = loss_fn(pred, target)
     assert torch.isfinite(loss).all(), loss
     loss.sum().backward()
@@ -182,8 +182,8 @@ def test_reduction_weight_and_avg_factor():
 def test_scheduled_alpha_follows_the_iteration():
     hub = MessageHub.get_instance('test_aiou_schedule')
     assert MessageHub.get_current_instance() is hub
-    loss_fn = AIoULoss(alpha=dict(start=1.0, end=0.5, iters=100),
-                       reduction='none')
+    loss_fn = AIoULoss(
+        alpha=dict(start=1.0, end=0.5, iters=100), reduction='none')
     pred, target = _random_pairs(n=8, seed=7)
     for it, alpha in ((0, 1.0), (50, 0.75), (100, 0.5), (250, 0.5)):
         hub.update_info('iter', it)

@@ -49,11 +49,12 @@ def _sized(model_cfg, size):
     deepen, widen, last, _ = SIZES[size]
     cfg = copy.deepcopy(model_cfg)
     cfg.backbone.update(
-        deepen_factor=deepen, widen_factor=widen,
-        last_stage_out_channels=last)
+        deepen_factor=deepen, widen_factor=widen, last_stage_out_channels=last)
     cfg.neck.update(
-        deepen_factor=deepen, widen_factor=widen,
-        in_channels=[256, 512, last], out_channels=[256, 512, last])
+        deepen_factor=deepen,
+        widen_factor=widen,
+        in_channels=[256, 512, last],
+        out_channels=[256, 512, last])
     cfg.bbox_head.update(widen_factor=widen, in_channels=[256, 512, last])
     return cfg
 
@@ -87,18 +88,17 @@ def test_gom_scm_keep_shape_and_are_differentiable(block):
 
 @pytest.mark.parametrize('cfg, option', [
     (dict(type='mmlocal.EMAttention', channels=30, groups=8), 'groups'),
-    (dict(type='mmlocal.GAMAttention', channels=8, reduction=16),
-     'reduction'),
+    (dict(type='mmlocal.GAMAttention', channels=8, reduction=16), 'reduction'),
     (dict(type='mmlocal.GAMAttention', channels=16, groups=3), 'groups'),
     (dict(type='mmlocal.YOLOv8CSPDarknet', gom='GAM'), 'gom'),
     (dict(type='mmlocal.YOLOv8CSPDarknet', widen_factor=0), 'widen_factor'),
-    (dict(type='mmlocal.YOLOv8CSPDarknet', out_indices=(5, )),
-     'out_indices'),
-    (dict(type='mmlocal.YOLOv8PAFPN', in_channels=[64, 128],
-          out_channels=[64]), 'out_channels'),
+    (dict(type='mmlocal.YOLOv8CSPDarknet', out_indices=(5, )), 'out_indices'),
+    (dict(
+        type='mmlocal.YOLOv8PAFPN', in_channels=[64, 128],
+        out_channels=[64]), 'out_channels'),
     (dict(type='mmlocal.YOLOv8Head', num_classes=0), 'num_classes'),
-    (dict(type='mmlocal.YOLOv8Head', num_classes=2, in_channels=[8, 16]),
-     'prior_generator'),
+    (dict(type='mmlocal.YOLOv8Head', num_classes=2,
+          in_channels=[8, 16]), 'prior_generator'),
 ])
 def test_bad_arguments_name_the_option(cfg, option):
     with pytest.raises(ValueError, match=option):
@@ -122,10 +122,12 @@ def test_every_size_builds_and_matches_yolov8():
             model.eval()
             with torch.no_grad():
                 cls_scores, dists = model(torch.rand(1, 3, 64, 64))
-            assert [tuple(c.shape) for c in cls_scores] == [
-                (1, 80, 8, 8), (1, 80, 4, 4), (1, 80, 2, 2)]
-            assert [tuple(d.shape) for d in dists] == [
-                (1, 64, 8, 8), (1, 64, 4, 4), (1, 64, 2, 2)]
+            assert [tuple(c.shape) for c in cls_scores] == [(1, 80, 8, 8),
+                                                            (1, 80, 4, 4),
+                                                            (1, 80, 2, 2)]
+            assert [tuple(d.shape) for d in dists] == [(1, 64, 8, 8),
+                                                       (1, 64, 4, 4),
+                                                       (1, 64, 2, 2)]
 
 
 def test_loss_and_predict_on_random_batch(tiny_model_cfg):
@@ -197,7 +199,8 @@ def test_train_and_validate_on_demo_data(demo_data_root, tmp_path):
         f'test_evaluator.ann_file={root}/annotations/instances_val.json'
     ])
     state = torch.load(
-        osp.join(tmp_path, 'iter_2.pth'), map_location='cpu',
+        osp.join(tmp_path, 'iter_2.pth'),
+        map_location='cpu',
         weights_only=False)
     assert state['meta']['iter'] == 2
     # GOM and SCM are in the checkpoint, and the EMA weights beside them
@@ -243,8 +246,7 @@ def cached_external_cfg_lookup(monkeypatch):
     monkeypatch.setattr(config_module, '_get_external_cfg_path', cached)
 
 
-def test_every_config_parses_and_differs_as_named(
-        cached_external_cfg_lookup):
+def test_every_config_parses_and_differs_as_named(cached_external_cfg_lookup):
     files = sorted(glob.glob(osp.join(CONFIG_DIR, '*.py')))
     assert len(files) >= 20
     for path in files:
@@ -262,8 +264,8 @@ def test_every_config_parses_and_differs_as_named(
             assert name.startswith('gso-yolo_'), name
             assert (gom is None) == ('wo-gom' in name), name
             assert (scm is None) == ('wo-scm' in name), name
-            assert loss == ('CIoULoss' if '_ciou_' in name else
-                            'mmlocal.AIoULoss'), name
+            assert loss == ('CIoULoss'
+                            if '_ciou_' in name else 'mmlocal.AIoULoss'), name
         if name.endswith('_soda.py'):
             assert model.bbox_head.num_classes == 15, name
         elif name.endswith('_mocs.py'):

@@ -10,6 +10,17 @@ MiB = 2**20
 SLACK = 8 * 1024  # a few KiB of small tensors (scalars, indices)
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine
+    OpenMP barriers (spinning threads waiting for descheduled ones) make
+    them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train_step(model, x, optimizer=None, meter=None, checkpoint=0):
     if checkpoint:
         out = checkpoint_sequential(model, checkpoint, x,

@@ -2,7 +2,8 @@
 # one CPU) with Replacement Learning: block 1 of every ResNet-18 stage is
 # synthesised from block 0 (a 2-block stage has no successor: 'mirror'
 # fusion; conv1 of layer2-4.1 has no same-shaped neighbour and stays
-# trainable). Compare with configs/demo/retinanet_r18_fpn_1xb4-300i_demo-trees.py
+# trainable). Compare with
+# configs/demo/retinanet_r18_fpn_1xb4-300i_demo-trees.py
 _base_ = '../demo/retinanet_r18_fpn_1xb4-300i_demo-trees.py'
 
 model = dict(

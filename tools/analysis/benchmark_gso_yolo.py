@@ -161,17 +161,13 @@ def measure(name, config, shape):
         logger.setLevel(level)
     params = sum(p.numel() for p in model.parameters())
     return model, dict(
-        model=name,
-        config=config,
-        params_m=params / 1e6,
-        flops_g=flops / 1e9)
+        model=name, config=config, params_m=params / 1e6, flops_g=flops / 1e9)
 
 
 # ------------------------------------------------------------ demo mAP
 def _scalars(work_dir):
     lines = []
-    for path in glob.glob(osp.join(work_dir, '*', 'vis_data',
-                                   'scalars.json')):
+    for path in glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')):
         with open(path) as f:
             lines += [json.loads(line) for line in f if line.strip()]
     return lines
@@ -189,9 +185,8 @@ def demo_map(name, iters, work_dir, data_root):
     cmd = [
         sys.executable,
         osp.join(REPO, 'tools', 'train.py'),
-        osp.join(REPO, DEMO_CONFIGS[name]), '--work-dir', out,
-        '--cfg-options', f'train_cfg.max_iters={iters}',
-        f'train_cfg.val_interval={iters}',
+        osp.join(REPO, DEMO_CONFIGS[name]), '--work-dir', out, '--cfg-options',
+        f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
         f'train_dataloader.dataset.data_root={root}',
         f'val_dataloader.dataset.data_root={root}',
         f'test_dataloader.dataset.data_root={root}',
@@ -255,13 +250,22 @@ def parse_args(argv=None):
         default=DEFAULT_MODELS,
         help=f'names among {sorted(CONFIGS)} or NAME=CONFIG pairs')
     parser.add_argument(
-        '--shape', type=int, nargs=2, default=[640, 640],
+        '--shape',
+        type=int,
+        nargs=2,
+        default=[640, 640],
         help='input height and width')
-    parser.add_argument('--runs', type=int, default=5,
-                        help='timed forward passes (median reported)')
+    parser.add_argument(
+        '--runs',
+        type=int,
+        default=5,
+        help='timed forward passes (median reported)')
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: torch default)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch CPU threads (default: torch default)')
     parser.add_argument(
         '--keep-denormals',
         action='store_true',
@@ -273,10 +277,11 @@ def parse_args(argv=None):
         help='also train each model on the demo data (tools/train.py) and '
         'report its bbox mAP')
     parser.add_argument('--demo-iters', type=int, default=300)
-    parser.add_argument('--demo-data-root', default=osp.join(
-        REPO, 'data', 'demo'))
-    parser.add_argument('--work-dir', default=osp.join(
-        REPO, 'work_dirs', 'benchmark_gso_yolo'))
+    parser.add_argument(
+        '--demo-data-root', default=osp.join(REPO, 'data', 'demo'))
+    parser.add_argument(
+        '--work-dir',
+        default=osp.join(REPO, 'work_dirs', 'benchmark_gso_yolo'))
     return parser.parse_args(argv)
 
 
@@ -310,8 +315,10 @@ def main(argv=None):
         print(f'building {name} ({config}) ...', flush=True)
         built[name], row = measure(name, config, shape)
         rows.append(row)
-    print(f'timing {args.warmup} + {args.runs} forwards per model, taking '
-          'turns ...', flush=True)
+    print(
+        f'timing {args.warmup} + {args.runs} forwards per model, taking '
+        'turns ...',
+        flush=True)
     latencies = time_forwards(built, shape, args.runs, args.warmup)
     for row in rows:
         row['latency_ms'], row['latency_min_ms'] = latencies[row['model']]
@@ -334,8 +341,10 @@ def main(argv=None):
                 'python tools/data/prepare_demo.py')
         map_rows = []
         for name, _ in models:
-            print(f'training {name} on the demo data '
-                  f'({args.demo_iters} iterations) ...', flush=True)
+            print(
+                f'training {name} on the demo data '
+                f'({args.demo_iters} iterations) ...',
+                flush=True)
             map_rows.append(
                 demo_map(name, args.demo_iters, args.work_dir,
                          args.demo_data_root))

@@ -345,6 +345,72 @@ def _loss_value(log_vars):
     return None
 
 
+def _bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def local_lower_bound(model, batch, device='cpu'):
+    """Lower bound of a LocalLearner's training-step peak for its split.
+
+    ``LB = input batch + all parameter gradients + retained stage outputs
+    + max_k A_k``, where ``A_k`` is the activation peak of module ``k`` with
+    its auxiliary net (the last: with the neck, heads and the model's loss),
+    forward and backward, measured **in isolation** from its detached input
+    (gradients it creates are subtracted, they are counted once in the
+    first term). A step cannot need less: gradients persist until the
+    optimizer step, the neck needs the retained outputs, and some module has
+    to be trained. Parameters and optimizer state are static (outside the
+    peak, as in the main measurement).
+
+    Returns:
+        dict: ``bytes`` and its parts (``input``, ``grads``, ``retained``,
+        ``modules`` = list of ``A_k``, ``largest_module``).
+    """
+    seq, ranges = model._seq, model.module_ranges
+    data = model.data_preprocessor(batch, True)
+    inputs, samples = data['inputs'], data['data_samples']
+    # inputs of every module and the stage outputs, without a graph
+    xs, outs = [], {}
+    with torch.no_grad():
+        x = inputs
+        for k, (start, end) in enumerate(ranges):
+            xs.append(x)
+            h = seq.forward_stem(x, outs) if k == 0 else x
+            x = seq.forward_blocks(h, start, end, outs)
+    last_start = ranges[-1][0]
+    produced_early = {s: o for s, o in outs.items()
+                      if s in set(seq.block_stage[:last_start])}
+    retained = _bytes(produced_early.values())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = _bytes(params)
+    acts = []
+    for k, (start, end) in enumerate(ranges):
+        model.zero_grad(set_to_none=True)
+        with PeakMemoryMeter(device) as meter:
+            if k < len(ranges) - 1:
+                h = seq.forward_stem(xs[0], {}) if k == 0 else \
+                    xs[k].clone()
+                h = seq.forward_blocks(h, start, end, {})
+                loss, _ = model.parse_losses(
+                    model.aux_nets[k].loss(h, inputs, samples))
+            else:
+                early = {s: o.clone() for s, o in produced_early.items()}
+                with model._backbone_runs_last_module(xs[k].clone(), start,
+                                                      early):
+                    loss, _ = model.parse_losses(
+                        model.model.loss(inputs, samples))
+            loss.backward()
+            del loss
+        created = _bytes(p.grad for p in params if p.grad is not None)
+        acts.append(max(0, int(meter.peak_bytes) - created))
+    model.zero_grad(set_to_none=True)
+    parts = dict(input=_bytes([inputs]), grads=grads, retained=retained,
+                 modules=acts, largest_module=int(max(range(len(acts)),
+                                                      key=acts.__getitem__)))
+    parts['bytes'] = parts['input'] + grads + retained + max(acts)
+    return parts
+
+
 def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
              task=None, num_classes=None, seed=0):
     """Build one mode's model and optimizer, warm up, measure.
@@ -423,6 +489,12 @@ def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
         phases=phases,
         loss=_loss_value(log_vars),
         method=meter.method)
+    if mode == 'local' and hasattr(model, 'module_ranges'):
+        result['lower_bound'] = local_lower_bound(
+            model, make_random_batch(input_shape, task, num_classes,
+                                     seed=seed), device)
+        result['lb_ratio'] = result['peak_bytes'] / \
+            result['lower_bound']['bytes']
     del model, optim_wrapper, batches, log_vars
     gc.collect()
     return result
@@ -539,6 +611,16 @@ def format_table(report):
             parts = ', '.join(f'{k} {format_bytes(v)}'
                               for k, v in r['phases'].items())
             lines.append(f'{mode} per-phase peaks: {parts}')
+        if r.get('lower_bound'):
+            lb = r['lower_bound']
+            mods = ', '.join(format_bytes(v) for v in lb['modules'])
+            lines.append(
+                f"{mode} lower bound {format_bytes(lb['bytes'])} "
+                f"(peak = {r['lb_ratio']:.2f}x bound) = input "
+                f"{format_bytes(lb['input'])} + grads "
+                f"{format_bytes(lb['grads'])} + retained outputs "
+                f"{format_bytes(lb['retained'])} + largest module "
+                f"(module{lb['largest_module']}) of [{mods}]")
     return '\n'.join(lines)
 
 

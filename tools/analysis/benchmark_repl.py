@@ -9,12 +9,16 @@ inside an ``mmlocal.LocalLearner``):
   (:func:`mmlocal.models.repl.stock_model_cfg`);
 - ``repl``: the config's model as it is.
 
-Both run the model's own ``train_step`` on the same random batch through
-:func:`benchmark_memory.run_mode` (the local-learning benchmark's
-measurement: :class:`mmlocal.utils.memory.PeakMemoryMeter`, warm-up
-iterations first, median time of the measured ones), so the figures are
-comparable with ``tools/analysis/benchmark_memory.py``. Configs whose stock
-models are identical (``_i2_`` and ``_i3_`` variants) share one ``e2e`` run.
+Both run the model's own ``train_step`` on the same random batch (made by
+``benchmark_memory.make_random_batch``, the local-learning benchmark's
+batches): ``--warmup`` steps, ``--iters`` timed steps (median wall time and
+median process CPU time, no profiler), then one step under
+:class:`mmlocal.utils.memory.PeakMemoryMeter` (tensor-level peak: CUDA
+allocator statistics, or the profiler's allocation events on the CPU,
+deterministic). On a shared CPU the CPU time is the robust time figure:
+other processes stretch our wall time, not the CPU time we consume. Configs
+whose stock models are identical (``_i2_`` and ``_i3_`` variants) share one
+``e2e`` run.
 
 Reported per mode: trainable parameters of the model and of the backbone,
 ``peak`` (live tensor bytes during an iteration above the level before it:
@@ -38,20 +42,33 @@ import gc
 import json
 import os
 import os.path as osp
+import statistics
 import sys
+import time
 import traceback
 
-sys.path.insert(
-    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(0,
+                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from benchmark_memory import (default_input_shape, default_scope,  # noqa
-                              detect_task, find_num_classes,
-                              is_local_learner, load_config,
-                              plain_model_cfg, run_mode, sanitize_model_cfg)
-from mmlocal.utils.memory import format_bytes  # noqa: E402
+from benchmark_memory import (
+    FALLBACK_OPTIM_WRAPPER,  # noqa: E402
+    _loss_value,
+    _static_bytes,
+    _sync,
+    default_input_shape,
+    default_scope,
+    detect_task,
+    find_num_classes,
+    is_local_learner,
+    load_config,
+    make_random_batch,
+    mode_model_cfg,
+    plain_model_cfg,
+    sanitize_model_cfg)
+from mmlocal.utils.memory import PeakMemoryMeter, format_bytes  # noqa: E402
 
 
 def stock_config(cfg):
@@ -91,28 +108,100 @@ def count_params(cfg):
     return info
 
 
+def measure(cfg, local, input_shape, iters=2, warmup=1, device='cpu', seed=0):
+    """Build ``cfg``'s model (``local``: the LocalLearner itself, else the
+    plain model), run ``warmup`` + ``iters`` timed training steps, then one
+    more under :class:`PeakMemoryMeter`.
+
+    Time is measured without the profiler: wall time and the process's CPU
+    time (``time.process_time``, all threads), median over ``iters``. On a
+    shared CPU the CPU time is the robust figure (other processes' load
+    stretches wall time, not our CPU time); on CUDA only wall time means
+    anything.
+    """
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS, init_default_scope
+    plain = plain_model_cfg(cfg)
+    task = detect_task(cfg, plain)
+    num_classes = find_num_classes(plain, task)
+    init_default_scope(default_scope(cfg, task))
+    torch.manual_seed(seed)
+    model = MODELS.build(mode_model_cfg(cfg, 'local' if local else 'e2e'))
+    model.to(device)
+    model.train()
+    optim_cfg = cfg.get('optim_wrapper', None) or FALLBACK_OPTIM_WRAPPER
+    optim_wrapper = build_optim_wrapper(model, copy.deepcopy(optim_cfg))
+    batches = [
+        make_random_batch(input_shape, task, num_classes, seed=seed)
+        for _ in range(warmup + iters + 1)
+    ]
+    log_vars = None
+    for _ in range(warmup):
+        log_vars = model.train_step(batches.pop(0), optim_wrapper)
+    wall, cpu = [], []
+    for _ in range(iters):
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        log_vars = model.train_step(batches.pop(0), optim_wrapper)
+        _sync(device)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    del log_vars
+    gc.collect()
+    result = dict(available=True, **_static_bytes(model, optim_wrapper))
+    meter = PeakMemoryMeter(device)
+    with meter:
+        log_vars = model.train_step(batches.pop(0), optim_wrapper)
+    result.update(
+        peak_bytes=int(meter.peak_bytes),
+        method=meter.method,
+        time_s=statistics.median(wall),
+        times_s=wall,
+        cpu_time_s=statistics.median(cpu),
+        cpu_times_s=cpu,
+        loss=_loss_value(log_vars))
+    result['total_bytes'] = result['peak_bytes'] + result['param_bytes'] + \
+        result['optim_state_bytes']
+    del model, optim_wrapper, batches, log_vars
+    gc.collect()
+    return result
+
+
 def _measure(cfg, local, input_shape, iters, warmup, device, seed):
     try:
-        res = run_mode(cfg, 'local' if local else 'e2e', input_shape,
-                       iters=iters, warmup=warmup, device=device, seed=seed)
+        return measure(
+            cfg,
+            local,
+            input_shape,
+            iters=iters,
+            warmup=warmup,
+            device=device,
+            seed=seed)
     except Exception as e:  # report, go on with the other runs
         traceback.print_exc()
-        return dict(available=False, error=True,
-                    reason=f'{type(e).__name__}: {e}')
-    res['total_bytes'] = res['peak_bytes'] + res['param_bytes'] + \
-        res['optim_state_bytes']
-    return res
+        return dict(
+            available=False, error=True, reason=f'{type(e).__name__}: {e}')
 
 
-def run(configs, input_shape=None, iters=2, warmup=1, device=None, seed=0,
+def run(configs,
+        input_shape=None,
+        iters=2,
+        warmup=1,
+        device=None,
+        seed=0,
         verbose=True):
     """Benchmark each config against its stock model; see the module
     docstring. Returns a JSON-able dict."""
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     e2e_cache = {}
-    report = dict(device=str(device), torch=torch.__version__, iters=iters,
-                  warmup=warmup, results=[])
+    report = dict(
+        device=str(device),
+        torch=torch.__version__,
+        iters=iters,
+        warmup=warmup,
+        threads=torch.get_num_threads(),
+        results=[])
     for path in configs:
         cfg = load_config(path)
         local = is_local_learner(cfg.model)
@@ -121,12 +210,18 @@ def run(configs, input_shape=None, iters=2, warmup=1, device=None, seed=0,
         task = detect_task(cfg, plain)
         shape = tuple(input_shape) if input_shape else \
             default_input_shape(task, plain)
-        entry = dict(config=path, task=task, input_shape=list(shape),
-                     num_classes=find_num_classes(plain, task))
-        key = json.dumps(
-            [sanitize_model_cfg(stock.model).to_dict(), list(shape),
-             str(cfg.get('optim_wrapper', None))], sort_keys=True,
-            default=str)
+        entry = dict(
+            config=path,
+            task=task,
+            input_shape=list(shape),
+            num_classes=find_num_classes(plain, task))
+        key = json.dumps([
+            sanitize_model_cfg(stock.model).to_dict(),
+            list(shape),
+            str(cfg.get('optim_wrapper', None))
+        ],
+                         sort_keys=True,
+                         default=str)
         if key not in e2e_cache:
             if verbose:
                 print(f'[benchmark_repl] e2e of {path} ...', flush=True)
@@ -140,9 +235,10 @@ def run(configs, input_shape=None, iters=2, warmup=1, device=None, seed=0,
         res.update(count_params(cfg))
         ref = entry['e2e']
         if res.get('available') and ref.get('available'):
-            for key, ratio in (('peak_bytes', 'peak_ratio'),
-                               ('total_bytes', 'total_ratio'),
-                               ('time_s', 'time_ratio')):
+            for key, ratio in (('peak_bytes', 'peak_ratio'), ('total_bytes',
+                                                              'total_ratio'),
+                               ('time_s', 'time_ratio'), ('cpu_time_s',
+                                                          'cpu_time_ratio')):
                 res[ratio] = res[key] / ref[key] if ref[key] else None
         res['backbone_trainable_ratio'] = \
             res['backbone_trainable'] / ref['backbone_trainable']
@@ -162,7 +258,8 @@ def _r(x):
 def format_table(report):
     header = ('config', 'input', 'mode', 'trainable (model)',
               'trainable (backbone)', 'peak', 'peak ratio', 'peak+static',
-              'total ratio', 'time/iter', 'time ratio')
+              'total ratio', 'cpu time/iter', 'cpu ratio', 'wall/iter',
+              'wall ratio')
     rows = []
     for entry in report['results']:
         name = osp.basename(entry['config']).replace('.py', '')
@@ -170,28 +267,31 @@ def format_table(report):
         for mode in ('e2e', 'repl'):
             r = entry[mode]
             if not r.get('available'):
-                rows.append((name, shape, mode, r.get('reason', 'n/a'), '',
-                             '', '', '', '', '', ''))
+                rows.append((name, shape, mode, r.get('reason', 'n/a')) +
+                            ('', ) * 9)
                 continue
             bb = f"{r['backbone_trainable'] / 1e6:.2f}M"
             if mode == 'repl':
                 bb += f" ({1 - r['backbone_trainable_ratio']:.0%} fewer)"
-            rows.append((
-                name if mode == 'e2e' else '', shape if mode == 'e2e' else '',
-                mode, f"{r['params_trainable'] / 1e6:.2f}M", bb,
-                format_bytes(r['peak_bytes']),
-                _r(r.get('peak_ratio')) if mode == 'repl' else '',
-                format_bytes(r['total_bytes']),
-                _r(r.get('total_ratio')) if mode == 'repl' else '',
-                f"{r['time_s']:.2f} s",
-                _r(r.get('time_ratio')) if mode == 'repl' else ''))
+            rows.append(
+                (name if mode == 'e2e' else '', shape if mode == 'e2e' else '',
+                 mode, f"{r['params_trainable'] / 1e6:.2f}M", bb,
+                 format_bytes(r['peak_bytes']),
+                 _r(r.get('peak_ratio')) if mode == 'repl' else '',
+                 format_bytes(r['total_bytes']),
+                 _r(r.get('total_ratio')) if mode == 'repl' else '',
+                 f"{r['cpu_time_s']:.2f} s",
+                 _r(r.get('cpu_time_ratio')) if mode == 'repl' else '',
+                 f"{r['time_s']:.2f} s",
+                 _r(r.get('time_ratio')) if mode == 'repl' else ''))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = ' | '.join(f'{{:<{w}}}' for w in widths)
     lines = [
-        f"device: {report['device']}  torch {report['torch']}  iters "
-        f"{report['iters']} (warmup {report['warmup']}); peak = live tensors "
-        'during an iteration above the level before it; static = '
-        'parameters + buffers + optimizer state',
+        f"device: {report['device']}  torch {report['torch']}  threads "
+        f"{report['threads']}  timed iters {report['iters']} (warmup "
+        f"{report['warmup']}), median; peak = live tensors during one more "
+        'iteration above the level before it; static = parameters + '
+        'buffers + optimizer state',
         fmt.format(*header), '-+-'.join('-' * w for w in widths)
     ]
     lines += [fmt.format(*row) for row in rows]
@@ -203,14 +303,23 @@ def parse_args(argv=None):
         description='RepL vs e2e: trainable parameters, peak memory, time',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('configs', nargs='+', help='RepL configs')
-    parser.add_argument('--input-shape', nargs=4, type=int, default=None,
-                        help='N C H W (default: 2 3 800 1333 for detection, '
-                        '2 3 <crop size> for segmentation)')
-    parser.add_argument('--iters', type=int, default=2,
-                        help='measured iterations')
+    parser.add_argument(
+        '--input-shape',
+        nargs=4,
+        type=int,
+        default=None,
+        help='N C H W (default: 2 3 800 1333 for detection, '
+        '2 3 <crop size> for segmentation)')
+    parser.add_argument(
+        '--iters', type=int, default=2, help='measured iterations')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', choices=['cpu', 'cuda'], default=None)
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch intra-op threads (default: torch\'s)')
     parser.add_argument('--json', help='write the results as JSON here')
     return parser.parse_args(argv)
 
@@ -219,9 +328,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('--device cuda: CUDA is not available')
-    report = run(args.configs, input_shape=args.input_shape,
-                 iters=args.iters, warmup=args.warmup, device=args.device,
-                 seed=args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(
+        args.configs,
+        input_shape=args.input_shape,
+        iters=args.iters,
+        warmup=args.warmup,
+        device=args.device,
+        seed=args.seed)
     print(format_table(report))
     if args.json:
         os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)

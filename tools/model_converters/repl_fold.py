@@ -63,6 +63,7 @@ def _build(model_cfg, scope):
 def _without_pretrained(model_cfg):
     """No pretrained download while building (weights come from the
     checkpoint)."""
+
     def walk(node):
         if isinstance(node, dict):
             out = type(node)()
@@ -88,9 +89,15 @@ def _features(model, x):
     return [f for f in feats]
 
 
-def fold_checkpoint(src, dst, config=None, out_config=None,
-                    backbone_only=False, verify=False, atol=1e-5,
-                    force=False, input_size=64):
+def fold_checkpoint(src,
+                    dst,
+                    config=None,
+                    out_config=None,
+                    backbone_only=False,
+                    verify=False,
+                    atol=1e-5,
+                    force=False,
+                    input_size=64):
     """Convert ``src`` (RepL training checkpoint) into ``dst``.
 
     Returns:
@@ -174,24 +181,40 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('src', help='RepL training checkpoint')
     parser.add_argument('dst', help='output checkpoint for the stock model')
-    parser.add_argument('--config', help='training config (default: the '
-                        "checkpoint's meta.cfg)")
+    parser.add_argument(
+        '--config',
+        help='training config (default: the '
+        "checkpoint's meta.cfg)")
     parser.add_argument('--out-config', help='write the stock config here')
-    parser.add_argument('--backbone-only', action='store_true',
-                        help='write only the backbone state dict')
-    parser.add_argument('--verify', action='store_true',
-                        help='compare RepL and stock features')
+    parser.add_argument(
+        '--backbone-only',
+        action='store_true',
+        help='write only the backbone state dict')
+    parser.add_argument(
+        '--verify',
+        action='store_true',
+        help='compare RepL and stock features')
     parser.add_argument('--atol', type=float, default=1e-5)
-    parser.add_argument('--input-size', type=int, default=64,
-                        help='side of the random image for --verify')
-    parser.add_argument('--force', action='store_true',
-                        help='overwrite an existing output file')
+    parser.add_argument(
+        '--input-size',
+        type=int,
+        default=64,
+        help='side of the random image for --verify')
+    parser.add_argument(
+        '--force',
+        action='store_true',
+        help='overwrite an existing output file')
     args = parser.parse_args(argv)
     try:
         out, _, diff = fold_checkpoint(
-            args.src, args.dst, config=args.config,
-            out_config=args.out_config, backbone_only=args.backbone_only,
-            verify=args.verify, atol=args.atol, force=args.force,
+            args.src,
+            args.dst,
+            config=args.config,
+            out_config=args.out_config,
+            backbone_only=args.backbone_only,
+            verify=args.verify,
+            atol=args.atol,
+            force=args.force,
             input_size=args.input_size)
     except (FileNotFoundError, FileExistsError, ValueError,
             RuntimeError) as exc:

@@ -103,8 +103,8 @@ class YOLOv8CSPDarknet(BaseModule):
             act_cfg=act_cfg)
         self.layers = ['stem']
         self.out_channels = [scale_channels(self.stem_channels, widen_factor)]
-        for i, (in_ch, out_ch, num_blocks) in enumerate(
-                self.arch_settings[arch]):
+        for i, (in_ch, out_ch,
+                num_blocks) in enumerate(self.arch_settings[arch]):
             is_last = i == num_stages - 1
             if is_last:
                 out_ch = last_stage_out_channels
@@ -130,11 +130,12 @@ class YOLOv8CSPDarknet(BaseModule):
                 if gom is not None:
                     stage.append(self._build_block(gom, out_ch, 'gom'))
                 stage.append(
-                    SPPF(out_ch,
-                         out_ch,
-                         kernel_size=spp_kernel_size,
-                         norm_cfg=norm_cfg,
-                         act_cfg=act_cfg))
+                    SPPF(
+                        out_ch,
+                        out_ch,
+                        kernel_size=spp_kernel_size,
+                        norm_cfg=norm_cfg,
+                        act_cfg=act_cfg))
                 if scm is not None:
                     stage.append(self._build_block(scm, out_ch, 'scm'))
             self.add_module(f'stage{i + 1}', nn.Sequential(*stage))

@@ -88,8 +88,8 @@ class GAMAttention(BaseModule):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        channel_att = self.channel_mlp(x.permute(0, 2, 3, 1).reshape(
-            b, h * w, c)).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        x = x * channel_att.sigmoid()
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        channel_att = self.channel_mlp(tokens).transpose(1, 2)
+        x = x * channel_att.reshape(b, c, h, w).sigmoid()
         spatial_att = self.spatial_conv2(self.spatial_conv1(x))
         return x * spatial_att.sigmoid()

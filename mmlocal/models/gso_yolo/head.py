@@ -55,7 +55,9 @@ class YOLOv8Head(BaseDenseHead):
     batch size, as YOLOv8 does, so that its SGD recipe (lr 0.01) applies.
 
     Written from the YOLOv8 architecture description; the assigner, point
-    generator, coder, DFL, BCE and IoU losses are mmdet's.
+    generator, coder, DFL, BCE and IoU losses are mmdet's, built in mmdet's
+    scope unless their config sets ``_scope_``. Post-processing (score
+    threshold, multi-label top-k, NMS) is mmdet's ``BaseDenseHead``'s.
 
     Args:
         num_classes (int): Number of object classes.
@@ -86,33 +88,35 @@ class YOLOv8Head(BaseDenseHead):
         init_cfg (dict or list[dict], optional): Initialization config.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        in_channels: Sequence[int] = (256, 512, 1024),
-        widen_factor: float = 1.0,
-        reg_max: int = 16,
-        prior_generator: ConfigType = dict(
-            type='mmdet.MlvlPointGenerator', offset=0.5, strides=[8, 16,
-                                                                  32]),
-        bbox_coder: ConfigType = dict(type='mmdet.DistancePointBBoxCoder'),
-        loss_cls: ConfigType = dict(
-            type='mmdet.CrossEntropyLoss',
-            use_sigmoid=True,
-            reduction='mean',
-            loss_weight=0.5),
-        loss_bbox: ConfigType = dict(
-            type='mmdet.CIoULoss', reduction='mean', loss_weight=7.5),
-        loss_dfl: ConfigType = dict(
-            type='mmdet.DistributionFocalLoss',
-            reduction='mean',
-            loss_weight=1.5),
-        loss_batch_scale: bool = False,
-        norm_cfg: ConfigType = dict(type='BN', momentum=0.03, eps=0.001),
-        act_cfg: ConfigType = dict(type='SiLU', inplace=True),
-        train_cfg: OptConfigType = None,
-        test_cfg: OptConfigType = None,
-        init_cfg: OptMultiConfig = None) -> None:
+    def __init__(self,
+                 num_classes: int,
+                 in_channels: Sequence[int] = (256, 512, 1024),
+                 widen_factor: float = 1.0,
+                 reg_max: int = 16,
+                 prior_generator: ConfigType = dict(
+                     type='mmdet.MlvlPointGenerator',
+                     offset=0.5,
+                     strides=[8, 16, 32]),
+                 bbox_coder: ConfigType = dict(
+                     type='mmdet.DistancePointBBoxCoder'),
+                 loss_cls: ConfigType = dict(
+                     type='mmdet.CrossEntropyLoss',
+                     use_sigmoid=True,
+                     reduction='mean',
+                     loss_weight=0.5),
+                 loss_bbox: ConfigType = dict(
+                     type='mmdet.CIoULoss', reduction='mean', loss_weight=7.5),
+                 loss_dfl: ConfigType = dict(
+                     type='mmdet.DistributionFocalLoss',
+                     reduction='mean',
+                     loss_weight=1.5),
+                 loss_batch_scale: bool = False,
+                 norm_cfg: ConfigType = dict(
+                     type='BN', momentum=0.03, eps=0.001),
+                 act_cfg: ConfigType = dict(type='SiLU', inplace=True),
+                 train_cfg: OptConfigType = None,
+                 test_cfg: OptConfigType = None,
+                 init_cfg: OptMultiConfig = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f'num_classes={num_classes!r} must be >= 1')
@@ -123,8 +127,9 @@ class YOLOv8Head(BaseDenseHead):
         self.cls_out_channels = num_classes
         self.use_sigmoid_cls = True
         self.reg_max = reg_max
-        self.in_channels = [scale_channels(c, widen_factor)
-                            for c in in_channels]
+        self.in_channels = [
+            scale_channels(c, widen_factor) for c in in_channels
+        ]
         self.loss_batch_scale = loss_batch_scale
         self.norm_cfg = norm_cfg
         self.act_cfg = act_cfg
@@ -147,8 +152,7 @@ class YOLOv8Head(BaseDenseHead):
                 raise ValueError('train_cfg needs an assigner, e.g. '
                                  "dict(type='mmdet.TaskAlignedAssigner', "
                                  'topk=10)')
-            self.assigner = self._build(TASK_UTILS,
-                                        self.train_cfg['assigner'])
+            self.assigner = self._build(TASK_UTILS, self.train_cfg['assigner'])
             self.assign_kwargs = {
                 k: self.train_cfg[k]
                 for k in ('alpha', 'beta') if k in self.train_cfg
@@ -178,10 +182,8 @@ class YOLOv8Head(BaseDenseHead):
         for in_ch in self.in_channels:
             self.reg_convs.append(self._branch(in_ch, reg_channels))
             self.cls_convs.append(self._branch(in_ch, cls_channels))
-            self.reg_preds.append(
-                nn.Conv2d(reg_channels, 4 * self.reg_max, 1))
-            self.cls_preds.append(
-                nn.Conv2d(cls_channels, self.num_classes, 1))
+            self.reg_preds.append(nn.Conv2d(reg_channels, 4 * self.reg_max, 1))
+            self.cls_preds.append(nn.Conv2d(cls_channels, self.num_classes, 1))
 
     def _branch(self, in_channels: int, channels: int) -> nn.Sequential:
         return nn.Sequential(*[
@@ -241,11 +243,10 @@ class YOLOv8Head(BaseDenseHead):
         post-process as every mmdet dense head does
         (``BaseDenseHead.predict_by_feat``: score threshold, top-k, NMS)."""
         bbox_preds = []
-        for dist, stride in zip(bbox_dist_preds,
-                                self.prior_generator.strides):
+        for dist, stride in zip(bbox_dist_preds, self.prior_generator.strides):
             b, _, h, w = dist.shape
-            dist = dist.reshape(b, 4, self.reg_max, h, w).permute(
-                0, 1, 3, 4, 2)
+            dist = dist.reshape(b, 4, self.reg_max, h,
+                                w).permute(0, 1, 3, 4, 2)
             scale = dist.new_tensor([stride[0], stride[1]] * 2)
             bbox_preds.append(
                 self._dist_expectation(dist) * scale.view(1, 4, 1, 1))
@@ -317,9 +318,8 @@ class YOLOv8Head(BaseDenseHead):
         labels, bbox_targets, target_weights = [], [], []
         for i in range(num_imgs):
             targets = self._get_targets_single(
-                flat_cls_scores[i].detach().sigmoid(),
-                flat_bboxes[i].detach(), points, batch_gt_instances[i],
-                batch_gt_instances_ignore[i])
+                flat_cls_scores[i].detach().sigmoid(), flat_bboxes[i].detach(),
+                points, batch_gt_instances[i], batch_gt_instances_ignore[i])
             labels.append(targets[0])
             bbox_targets.append(targets[1])
             target_weights.append(targets[2])
@@ -364,20 +364,20 @@ class YOLOv8Head(BaseDenseHead):
             loss_bbox = flat_bboxes.sum() * 0
             loss_dfl = flat_dist_preds.sum() * 0
 
-        losses = dict(loss_cls=loss_cls, loss_bbox=loss_bbox,
-                      loss_dfl=loss_dfl)
+        losses = dict(
+            loss_cls=loss_cls, loss_bbox=loss_bbox, loss_dfl=loss_dfl)
         if self.loss_batch_scale:
             batch_size = num_imgs * get_world_size()
             losses = {k: v * batch_size for k, v in losses.items()}
         return losses
 
     def _get_targets_single(
-            self,
-            scores: Tensor,
-            bboxes: Tensor,
-            points: Tensor,
-            gt_instances: InstanceData,
-            gt_instances_ignore: Optional[InstanceData] = None
+        self,
+        scores: Tensor,
+        bboxes: Tensor,
+        points: Tensor,
+        gt_instances: InstanceData,
+        gt_instances_ignore: Optional[InstanceData] = None
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Assign the priors of one image.
 
@@ -403,8 +403,7 @@ class YOLOv8Head(BaseDenseHead):
             bboxes=bboxes,
             scores=scores)
         assign_result = self.assigner.assign(
-            pred_instances,
-            InstanceData(bboxes=gt_bboxes, labels=gt_labels),
+            pred_instances, InstanceData(bboxes=gt_bboxes, labels=gt_labels),
             gt_instances_ignore, **self.assign_kwargs)
 
         labels = points.new_full((num_priors, ),

@@ -122,7 +122,6 @@ class YOLOv8PAFPN(BaseModule):
         # bottom-up
         outs = [top_down[0]]
         for i in range(len(inputs) - 1):
-            outs.append(self.bottom_up_layers[i](
-                torch.cat([self.downsample_layers[i](outs[-1]),
-                           top_down[i + 1]], 1)))
+            outs.append(self.bottom_up_layers[i](torch.cat(
+                [self.downsample_layers[i](outs[-1]), top_down[i + 1]], 1)))
         return tuple(outs)

@@ -56,8 +56,7 @@ class EMAttention(BaseModule):
         self.groups = groups
         group_channels = channels // groups
         self.conv1x1 = nn.Conv2d(group_channels, group_channels, 1)
-        self.conv3x3 = nn.Conv2d(
-            group_channels, group_channels, 3, padding=1)
+        self.conv3x3 = nn.Conv2d(group_channels, group_channels, 3, padding=1)
         # one group per channel: GroupNorm normalises each map on its own
         self.norm = nn.GroupNorm(group_channels, group_channels)
 
@@ -74,12 +73,12 @@ class EMAttention(BaseModule):
         pooled_w = x_g.mean(dim=2, keepdim=True).transpose(2, 3)
         att_h, att_w = self.conv1x1(torch.cat([pooled_h, pooled_w],
                                               dim=2)).split([h, w], dim=2)
-        x1 = self.norm(x_g * att_h.sigmoid() *
-                       att_w.transpose(2, 3).sigmoid())
+        x1 = self.norm(x_g * att_h.sigmoid() * att_w.transpose(2, 3).sigmoid())
         # 3x3 branch: local multi-scale context
         x2 = self.conv3x3(x_g)
         # cross-spatial learning
-        weights = (self._channel_descriptor(x1) @ x2.flatten(2) +
-                   self._channel_descriptor(x2) @ x1.flatten(2))
+        weights = (
+            self._channel_descriptor(x1) @ x2.flatten(2) +
+            self._channel_descriptor(x2) @ x1.flatten(2))
         weights = weights.reshape(b * self.groups, 1, h, w).sigmoid()
         return (x_g * weights).reshape(b, c, h, w)

@@ -1,7 +1,9 @@
 import math
 
 
-def scale_channels(channels: int, widen_factor: float, divisor: int = 8) -> int:
+def scale_channels(channels: int,
+                   widen_factor: float,
+                   divisor: int = 8) -> int:
     """Channels of a YOLOv8 layer at width ``widen_factor``.
 
     ``ceil(channels * widen_factor / divisor) * divisor``: every layer keeps

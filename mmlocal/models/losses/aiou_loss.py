@@ -68,9 +68,9 @@ def aiou_loss(pred: Tensor,
     distance_term = center_dist2 / diagonal2
 
     # CIoU: aspect-ratio consistency v and its trade-off a (no gradient)
-    v = (4 / math.pi**2) * torch.pow(
-        torch.atan(target_w / (target_h + eps)) -
-        torch.atan(pred_w / (pred_h + eps)), 2)
+    target_angle = torch.atan(target_w / (target_h + eps))
+    pred_angle = torch.atan(pred_w / (pred_h + eps))
+    v = (4 / math.pi**2) * (target_angle - pred_angle)**2
     with torch.no_grad():
         a = v / (1 - ious + v + eps)
         if ciou_iou_thr is not None:
@@ -78,9 +78,9 @@ def aiou_loss(pred: Tensor,
     loss_ciou = 1 - (ious - distance_term - a * v).clamp(min=-1.0, max=1.0)
 
     # EIoU: width and height differences over the enclosing box's
-    loss_eiou = (1 - ious + distance_term +
-                 (pred_w - target_w)**2 / (enclose_w2 + eps) +
-                 (pred_h - target_h)**2 / (enclose_h2 + eps))
+    width_term = (pred_w - target_w)**2 / (enclose_w2 + eps)
+    height_term = (pred_h - target_h)**2 / (enclose_h2 + eps)
+    loss_eiou = 1 - ious + distance_term + width_term + height_term
 
     loss = alpha * loss_ciou + (1 - alpha) * loss_eiou
     if gamma > 0:

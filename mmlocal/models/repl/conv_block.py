@@ -53,8 +53,9 @@ from .synthesis import RepLUnit
 
 def _frozen(seq, stage, block):
     params = list(block.parameters())
-    return seq._frozen_by_config(stage) or (
-        bool(params) and not any(p.requires_grad for p in params))
+    return seq._frozen_by_config(stage) or (bool(params)
+                                            and not any(p.requires_grad
+                                                        for p in params))
 
 
 def resnet_units(backbone):
@@ -76,9 +77,15 @@ def resnet_units(backbone):
                 'fusion rule synthesises a downsampling block from its '
                 'neighbours')
         units.append(
-            RepLUnit(index=i, name=name, module=block, stage=stage,
-                     position=position, stage_size=sizes[stage],
-                     frozen=_frozen(seq, stage, block), refusal=refusal))
+            RepLUnit(
+                index=i,
+                name=name,
+                module=block,
+                stage=stage,
+                position=position,
+                stage_size=sizes[stage],
+                frozen=_frozen(seq, stage, block),
+                refusal=refusal))
     return units
 
 
@@ -100,11 +107,15 @@ def csp_units(backbone):
                            'predecessor is the CSPLayer main_conv, not a '
                            'bottleneck); no fusion rule applies')
             units.append(
-                RepLUnit(index=len(units), name=f'{name}.blocks.{child}',
-                         module=bottleneck, stage=group, position=position,
-                         stage_size=len(inner),
-                         frozen=_frozen(seq, stage, bottleneck),
-                         refusal=refusal))
+                RepLUnit(
+                    index=len(units),
+                    name=f'{name}.blocks.{child}',
+                    module=bottleneck,
+                    stage=group,
+                    position=position,
+                    stage_size=len(inner),
+                    frozen=_frozen(seq, stage, bottleneck),
+                    refusal=refusal))
         group += 1
     return units
 
@@ -123,5 +134,3 @@ def conv_units(backbone):
 def conv_supported_types():
     return tuple(ResNetBlockSequence.backbone_types()) + tuple(
         CSPBlockSequence.backbone_types())
-
-

@@ -124,13 +124,15 @@ class RepLBackbone(BaseModule):
                     next_unit.module if next_unit else None,
                     rules, self.transform_cfg, unit.name)
         self.plan = [
-            dict(index=unit.index, name=unit.name,
-                 prev=prev_unit.name if prev_unit else None,
-                 next=next_unit.name if next_unit else None,
-                 rules={
-                     (f'{p}.{n}' if p else n): r
-                     for (p, n), r in rules.items()
-                 }) for unit, prev_unit, next_unit, rules in chosen
+            dict(
+                index=unit.index,
+                name=unit.name,
+                prev=prev_unit.name if prev_unit else None,
+                next=next_unit.name if next_unit else None,
+                rules={
+                    (f'{p}.{n}' if p else n): r
+                    for (p, n), r in rules.items()
+                }) for unit, prev_unit, next_unit, rules in chosen
         ]
         # what LocalLearner / necks read from a backbone
         if hasattr(self.backbone, 'out_indices'):
@@ -175,7 +177,8 @@ class RepLBackbone(BaseModule):
             f'{len(self.plan)} blocks replaced {self.replaced_blocks}; '
             'their weights are synthesised from their neighbours (pretrained '
             'weights of these blocks are not used, their BN statistics were '
-            'reset)', logger='current')
+            'reset)',
+            logger='current')
 
     # ------------------------------------------------------------------
     def _synthesized_keys(self):
@@ -183,13 +186,11 @@ class RepLBackbone(BaseModule):
         tensors."""
         return [
             f'{rep.block_name}.{p}.{n}' if p else f'{rep.block_name}.{n}'
-            for rep in self.replacements.values()
-            for p, n in rep.synthesized
+            for rep in self.replacements.values() for p, n in rep.synthesized
         ]
 
     def _accept_stock_keys(self, module, state_dict, prefix, local_metadata,
-                           strict, missing_keys, unexpected_keys,
-                           error_msgs):
+                           strict, missing_keys, unexpected_keys, error_msgs):
         """Load a stock-keyed backbone state dict: ``<prefix>layer1...`` ->
         ``<prefix>backbone.layer1...``; replaced blocks' weights dropped."""
         own = prefix + 'backbone.'
@@ -211,7 +212,8 @@ class RepLBackbone(BaseModule):
             print_log(
                 f'RepLBackbone: ignored {len(dropped)} tensors of replaced '
                 f'blocks in the loaded state dict (e.g. {dropped[0]}); they '
-                'are synthesised from their neighbours', logger='current')
+                'are synthesised from their neighbours',
+                logger='current')
 
     def fold_state_dict(self):
         """The stock backbone's state dict, synthesised weights materialised.
@@ -282,9 +284,8 @@ def _units(backbone):
     if units is None:
         units = vit_units(backbone)
     if units is None:
-        names = ', '.join(
-            f'{t.__module__.split(".")[0]}.{t.__name__}'
-            for t in conv_supported_types() + vit_types())
+        names = ', '.join(f'{t.__module__.split(".")[0]}.{t.__name__}'
+                          for t in conv_supported_types() + vit_types())
         raise ValueError(
             f'backbone={type(backbone).__name__} is not supported by '
             f'RepLBackbone; supported (and subclasses): {names}')
@@ -326,9 +327,9 @@ def _select(units, interval, blocks, fusion, name):
             if (unit.position + 1) % interval or unit.refusal or unit.frozen:
                 continue
             prev_unit, next_unit = _neighbours(units, unit)
-            matches = match_sources(
-                unit.module, prev_unit and prev_unit.module,
-                next_unit and next_unit.module)
+            matches = match_sources(unit.module, prev_unit
+                                    and prev_unit.module, next_unit
+                                    and next_unit.module)
             try:
                 rules = choose_rules(unit.name, matches, fusion, 'interval')
             except ValueError:
@@ -383,6 +384,7 @@ def stock_model_cfg(cfg):
     """A copy of a model config with every ``RepLBackbone`` replaced by its
     inner backbone config (and ``LocalLearner`` by its model): the stock
     mmdet/mmseg model that a folded checkpoint loads into."""
+
     def walk(node):
         if isinstance(node, dict):
             node_type = node.get('type')
@@ -415,8 +417,8 @@ def fold_repl_state_dict(model):
         return state
     out, done = OrderedDict(), set()
     for key, value in state.items():
-        owner = next((n for n, _ in found
-                      if n == '' or key.startswith(n + '.')), None)
+        owner = next(
+            (n for n, _ in found if n == '' or key.startswith(n + '.')), None)
         if owner is None:
             out[key] = value
             continue

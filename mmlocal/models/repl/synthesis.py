@@ -28,10 +28,10 @@ import torch.nn as nn
 from mmlocal.registry import MODELS
 
 #: How a tensor of a replaced block is obtained.
-BOTH = 'both'          # T(W_{k-1}, W_{k+1})
-MIRROR_PREV = 'prev'   # T(W_{k-1}, W_{k-1}): no shape-compatible successor
-MIRROR_NEXT = 'next'   # T(W_{k+1}, W_{k+1}): no shape-compatible predecessor
-OWN = 'own'            # no compatible neighbour: stays a trainable parameter
+BOTH = 'both'  # T(W_{k-1}, W_{k+1})
+MIRROR_PREV = 'prev'  # T(W_{k-1}, W_{k-1}): no shape-compatible successor
+MIRROR_NEXT = 'next'  # T(W_{k+1}, W_{k+1}): no shape-compatible predecessor
+OWN = 'own'  # no compatible neighbour: stays a trainable parameter
 
 FUSION_RULES = (None, 'mirror')
 
@@ -134,8 +134,8 @@ def choose_rules(block_name, matches, fusion, option):
         if prev_ok and next_ok:
             rule = BOTH
         elif fusion is None:
-            missing = ' and '.join(
-                n for n, ok in (('k-1', prev_ok), ('k+1', next_ok)) if not ok)
+            missing = ' and '.join(n for n, ok in (('k-1', prev_ok),
+                                                   ('k+1', next_ok)) if not ok)
             raise ValueError(
                 f'{option}: block {block_name} cannot be replaced with '
                 f'fusion=None: its tensor {full} {tuple(shape)} has no '
@@ -231,11 +231,9 @@ class BlockReplacement(nn.Module):
             module = _module(block, path)
             param = module._parameters.pop(name)
             setattr(module, name,
-                    torch.empty(param.shape, dtype=param.dtype,
-                                device='meta'))
-        self._hook_ids = (
-            block.register_forward_pre_hook(self._install).id,
-            block.register_forward_hook(self._release).id)
+                    torch.empty(param.shape, dtype=param.dtype, device='meta'))
+        self._hook_ids = (block.register_forward_pre_hook(self._install).id,
+                          block.register_forward_hook(self._release).id)
 
     def _add_transform(self, key, cfg, channels):
         if key in self.transforms:
@@ -298,8 +296,10 @@ class BlockReplacement(nn.Module):
         """Synthesised tensors materialised (detached), keyed by
         ``'<layer path>.<name>'`` relative to the block."""
         with torch.no_grad():
-            return {(f'{p}.{n}' if p else n): t.detach().clone()
-                    for (p, n), t in self.synthesize().items()}
+            return {
+                (f'{p}.{n}' if p else n): t.detach().clone()
+                for (p, n), t in self.synthesize().items()
+            }
 
     def remove_hooks(self):
         block = self.block

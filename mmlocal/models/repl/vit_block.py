@@ -55,9 +55,14 @@ def vit_units(backbone):
             refusal = ('it is the first transformer layer: its predecessor '
                        'is the patch embedding, no fusion rule applies')
         units.append(
-            RepLUnit(index=i, name=f'layers.{i}', module=layer, stage=0,
-                     position=i, stage_size=len(layers),
-                     frozen=bool(params) and not any(p.requires_grad
-                                                     for p in params),
-                     refusal=refusal))
+            RepLUnit(
+                index=i,
+                name=f'layers.{i}',
+                module=layer,
+                stage=0,
+                position=i,
+                stage_size=len(layers),
+                frozen=bool(params)
+                and not any(p.requires_grad for p in params),
+                refusal=refusal))
     return units

@@ -38,7 +38,8 @@ class DetAuxHead(BaseModule):
         stride (int): Stride of ``y`` w.r.t. the input image.
         num_classes (int): Number of object classes.
         feat_channels (int): Width of the projection and head. Default 128.
-        num_levels (int): Pyramid levels the head predicts on. Default 2.
+        num_levels (int): Pyramid levels the head predicts on. Default 1
+            (MAN++ maps early modules to one level).
         min_stride (int): Finest stride used. Default 8.
         head (dict): Config of the mmdet dense head; ``in_channels``,
             ``feat_channels``, ``num_classes`` and the anchor strides are
@@ -52,7 +53,7 @@ class DetAuxHead(BaseModule):
                  stride,
                  num_classes,
                  feat_channels=128,
-                 num_levels=2,
+                 num_levels=1,
                  min_stride=8,
                  head=None,
                  train_cfg=None,
@@ -87,7 +88,7 @@ class DetAuxHead(BaseModule):
             anchor_generator=dict(
                 type='mmdet.AnchorGenerator',
                 octave_base_scale=4,
-                scales_per_octave=3,
+                scales_per_octave=1,
                 ratios=[0.5, 1.0, 2.0]),
             bbox_coder=dict(
                 type='mmdet.DeltaXYWHBBoxCoder',

@@ -1,0 +1,11 @@
+# AugLocal (Ma et al., ICLR 2024): each module's aux net is a stack of freshly
+# initialised copies of blocks sampled uniformly from the later layers
+# (depth 2, pyramidal decay 0.5), then the task head.
+_base_ = './infopro_retinanet_r50_fpn_k4_8xb2-1x_coco.py'
+
+model = dict(
+    aux=dict(
+        _delete_=True,
+        type='mmlocal.AugLocalAux',
+        aux_depth=2,
+        pyramid_coeff=0.5))

@@ -1,0 +1,14 @@
+# HPFF (Su et al., ECCV 2024): independent local modules (light head, weight
+# 0.001) + cascade modules joining modules k-1 and k (InfoPro loss, weight
+# 0.999); the cascade aux input is processed as 2x2 patches (PFF), one
+# patch at a time.
+_base_ = './infopro_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py'
+
+model = dict(
+    aux=dict(
+        _delete_=True,
+        type='mmlocal.HPFFAux',
+        cascade_span=2,
+        patch_grid=2,
+        independent_weight=0.001,
+        cascade_weight=0.999))

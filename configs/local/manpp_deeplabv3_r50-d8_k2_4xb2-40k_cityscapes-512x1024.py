@@ -1,0 +1,14 @@
+# MAN++ (Su et al., TPAMI 2026): MAN with a learnable scale per module,
+# y = s * LB(h) + (2 - s) * EMA(h).
+_base_ = './infopro_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
+
+model = dict(
+    aux=dict(
+        _delete_=True,
+        type='mmlocal.MomentumAux',
+        momentum=0.995,
+        learnable_scale=True))
+custom_hooks = [
+    dict(type='mmlocal.PeakMemoryHook', interval=50),
+    dict(type='mmlocal.MomentumAuxHook')
+]

@@ -1,0 +1,202 @@
+"""HPFF (HPFFAux): HiLo gradient reach and Patch Feature Fusion."""
+import copy
+
+import pytest
+import torch
+from mmengine.optim import OptimWrapper
+
+from local_utils import (TINY_FCN, KeepGradsOptimWrapper, det_batch, grads,
+                         seg_batch)
+from mmlocal.utils.memory import PeakMemoryMeter
+from test_local_cascade import (_assert_close, _step, cascade_aux,
+                                cascade_reference_grads)
+from test_local_learner import build, module_params
+
+
+def hpff(**kwargs):
+    return cascade_aux('mmlocal.HPFFAux', **kwargs)
+
+
+def _zero(h, inputs, samples):
+    return {'loss_zero': (h * 0).sum()}
+
+
+def _silence_model(learner):
+    model_loss = learner.model.loss
+
+    def zero_model_loss(inputs, samples):
+        return {n: 0 * sum(v) if isinstance(v, list) else 0 * v
+                for n, v in model_loss(inputs, samples).items()}
+
+    learner.model.loss = zero_model_loss
+
+
+def _touched(learner):
+    g = _step(learner, det_batch())
+    return {n for n in g if torch.count_nonzero(g[n])}
+
+
+def test_cascade_loss_reaches_modules_i_minus_1_and_i_only():
+    learner = build(num_modules=4, aux=hpff(patch_grid=1))
+    i = 2
+    for j, aux in enumerate(learner.aux_nets):
+        aux.independent_loss = _zero
+        if j != i:
+            aux.cascade_loss = _zero
+    _silence_model(learner)
+    touched = _touched(learner)
+    mine = module_params(learner, i - 1) | module_params(learner, i)
+    head = {n for n, _ in learner.named_parameters()
+            if n.startswith(f'aux_nets.{i}.')
+            and '.independent_head.' not in n}
+    assert touched <= mine | head, touched - mine - head
+    assert touched & module_params(learner, i - 1)
+    assert touched & module_params(learner, i)
+    assert touched & head
+    assert not touched & module_params(learner, i - 2)
+
+
+def test_independent_loss_reaches_module_i_only():
+    learner = build(num_modules=4, aux=hpff(patch_grid=1))
+    i = 1
+    for j, aux in enumerate(learner.aux_nets):
+        aux.cascade_loss = _zero
+        if j != i:
+            aux.independent_loss = _zero
+    _silence_model(learner)
+    touched = _touched(learner)
+    head = {n for n, _ in learner.named_parameters()
+            if n.startswith(f'aux_nets.{i}.independent_head.')}
+    allowed = module_params(learner, i) | head
+    assert touched <= allowed, touched - allowed
+    assert touched & module_params(learner, i) and touched & head
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_pff_with_one_patch_equals_no_pff(task):
+    """A 1x1 grid is the whole map with the whole ground truth: same loss,
+    same gradients w.r.t. the feature and the aux net."""
+    if task == 'det':
+        learner, batch = build(num_modules=2, aux=hpff()), det_batch()
+    else:
+        learner = build(TINY_FCN, 'mmseg', num_modules=2, aux=hpff())
+        batch = seg_batch()
+    aux = learner.aux_nets[0]
+    aux.patch_grid = 1
+    data = learner.data_preprocessor(batch, True)
+    inputs, samples = data['inputs'], data['data_samples']
+    start, end = learner.module_ranges[0]
+    with torch.no_grad():
+        h = learner._seq.forward_blocks(
+            learner._seq.forward_stem(inputs), start, end, {})
+    results = []
+    for patched in (False, True):
+        torch.manual_seed(0)
+        leaf = h.clone().requires_grad_()
+        args = aux.patches(leaf, inputs, samples)[0] if patched else \
+            (leaf, inputs, samples)
+        if patched:
+            assert args[0].shape == leaf.shape
+            assert args[1].shape == inputs.shape
+        losses = aux.cascade_loss(*args)
+        sum(losses.values()).backward()
+        results.append(({k: v.detach() for k, v in losses.items()},
+                        leaf.grad, grads(aux)))
+        aux.zero_grad(set_to_none=True)
+    (la, ga, pa), (lb, gb, pb) = results
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(ga, gb)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], msg=name)
+
+
+def test_pff_gradients_equal_one_graph_patch_average():
+    """Patch by patch, each share back-propagated at once == the averaged
+    patch loss in one graph, one backward (1e-6)."""
+    learner = build(num_modules=2, aux=hpff(patch_grid=2))
+    twin = copy.deepcopy(learner)
+    batch = det_batch()
+    _assert_close(_step(learner, batch),
+                  cascade_reference_grads(twin, batch, joint_patches=True))
+    # and it differs from no PFF (the patches see their own GT)
+    twin = copy.deepcopy(twin)
+    for aux in twin.aux_nets:
+        aux.patch_grid = 1
+    twin.zero_grad(set_to_none=True)
+    other = _step(twin, batch)
+    assert any(not torch.allclose(other[n], grads(learner)[n])
+               for n in other if n.startswith('aux_nets.0.task_head'))
+
+
+def _aux_step_peak(patch_grid):
+    torch.manual_seed(0)
+    # the aux head dominates: a wide FCN head and decoder on a narrow module
+    aux = hpff(patch_grid=patch_grid,
+               seg_head=dict(channels=128, head=dict(dropout_ratio=0.0)),
+               recon=dict(channels=128, out_stride=1))
+    learner = build(TINY_FCN, 'mmseg', num_modules=2, aux=aux)
+    batch = seg_batch(n=2, size=64)
+    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=1e-3))
+    learner.train_step(batch, ow)  # warm-up
+    with PeakMemoryMeter('cpu') as meter:
+        learner.phase_callback = meter.mark
+        learner.train_step(batch, ow)
+    learner.phase_callback = None
+    return meter.phases['module0']
+
+
+def test_pff_lowers_the_aux_step_peak():
+    plain, pff = _aux_step_peak(1), _aux_step_peak(2)
+    assert pff < 0.8 * plain, (pff, plain)
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_one_training_step(task):
+    if task == 'det':
+        learner, batch = build(num_modules=3, aux=hpff()), det_batch()
+    else:
+        learner = build(TINY_FCN, 'mmseg', num_modules=3, aux=hpff())
+        batch = seg_batch()
+    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.01))
+    out = learner.train_step(batch, ow)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert {'loss_local0', 'local0.loss_ind', 'local0.loss_cas_recon'} <= \
+        set(out)
+    torch.testing.assert_close(
+        out['loss_local1'],
+        sum(v for k, v in out.items() if k.startswith('local1.')))
+
+
+def test_uneven_patches():
+    # 64 px, stride 8: an 8x8 map cut into 3 + 3 + 2 rows and columns
+    learner = build(TINY_FCN, 'mmseg', num_modules=2,
+                    aux=hpff(patch_grid=3, patch_remainder='uneven'))
+    aux = learner.aux_nets[0]
+    h = torch.zeros(2, 8, 8, 8)
+    data = learner.data_preprocessor(seg_batch(), True)
+    patches = aux.patches(h, data['inputs'], data['data_samples'])
+    assert [p[0].shape[-2:] for p in patches[:3]] == [(3, 3), (3, 3), (3, 2)]
+    assert patches[-1][2][0].gt_sem_seg.data.shape[-2:] == (16, 16)
+    out = learner.train_step(seg_batch(), KeepGradsOptimWrapper(
+        torch.optim.SGD(learner.parameters(), lr=0.01)))
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(cascade_span=5), 'cascade_span'),
+    (dict(cascade_span=0), 'cascade_span'),
+    (dict(patch_grid=0), 'patch_grid'),
+    (dict(patch_remainder='pad'), 'patch_remainder'),
+    (dict(independent_weight=-1.0), 'independent_weight'),
+])
+def test_bad_options_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(num_modules=4, aux=hpff(**kwargs))
+
+
+def test_patch_grid_that_does_not_divide_the_feature_map():
+    # 64 px input: module 2 ends at stride 16, a 4x4 map; 3 does not divide
+    learner = build(num_modules=4, aux=hpff(patch_grid=3))
+    with pytest.raises(ValueError, match='patch_grid=3'):
+        learner.train_step(det_batch(), KeepGradsOptimWrapper(
+            torch.optim.SGD(learner.parameters(), lr=0.01)))
