@@ -36,6 +36,16 @@ def mmdet_scope():
         yield
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one thread; on a busy machine a second
+    one stalls every parallel region (10-100x slower, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _build(cfg):
     from mmdet.registry import MODELS
     return MODELS.build(copy.deepcopy(cfg))
@@ -151,14 +161,8 @@ def test_loss_and_predict_on_random_batch(tiny_model_cfg):
 
     model.eval()
     data = model.data_preprocessor(det_batch(2, 64, seed=1), False)
-    # untrained BN statistics blow eval activations up into slow denormal
-    # floats on the CPU; flushing them changes nothing else here
-    torch.set_flush_denormal(True)
-    try:
-        with torch.no_grad():
-            results = model.predict(data['inputs'], data['data_samples'])
-    finally:
-        torch.set_flush_denormal(False)
+    with torch.no_grad():
+        results = model.predict(data['inputs'], data['data_samples'])
     assert len(results) == 2
     for res in results:
         pred = res.pred_instances
@@ -189,15 +193,18 @@ def test_empty_ground_truth_and_bad_labels(tiny_model_cfg):
 # ------------------------------------------------- training on real data
 def test_train_and_validate_on_demo_data(demo_data_root, tmp_path):
     root = demo_data_root
-    run_tool([
+    ann_file = f'{root}/annotations/instances_val.json'
+    args = [
         'tools/train.py', TINY_CFG, '--work-dir',
         str(tmp_path), '--cfg-options',
         f'train_dataloader.dataset.data_root={root}/',
         f'val_dataloader.dataset.data_root={root}/',
         f'test_dataloader.dataset.data_root={root}/',
-        f'val_evaluator.ann_file={root}/annotations/instances_val.json',
-        f'test_evaluator.ann_file={root}/annotations/instances_val.json'
-    ])
+        f'val_evaluator.ann_file={ann_file}',
+        f'test_evaluator.ann_file={ann_file}'
+    ]
+    # one thread: see `one_thread`
+    run_tool(args, env=dict(OMP_NUM_THREADS='1'))
     state = torch.load(
         osp.join(tmp_path, 'iter_2.pth'),
         map_location='cpu',

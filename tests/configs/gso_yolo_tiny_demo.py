@@ -3,13 +3,10 @@
 _base_ = '../../configs/gso_yolo/gso-yolo_n_1xb8-300i_demo-trees.py'
 
 widen_factor = 0.125
-# BN running statistics = the last batch's: after 2 iterations the initial
-# statistics would blow activations up in eval mode (slow denormal floats)
-norm_cfg = dict(type='BN', momentum=1.0, eps=0.001)
 model = dict(
-    backbone=dict(widen_factor=widen_factor, norm_cfg=norm_cfg),
-    neck=dict(widen_factor=widen_factor, norm_cfg=norm_cfg),
-    bbox_head=dict(widen_factor=widen_factor, norm_cfg=norm_cfg),
+    backbone=dict(widen_factor=widen_factor),
+    neck=dict(widen_factor=widen_factor),
+    bbox_head=dict(widen_factor=widen_factor),
     test_cfg=dict(nms_pre=200, max_per_img=50))
 
 img_scale = (64, 64)

@@ -15,23 +15,25 @@ downloaded) the table gives
   cost depends on how many boxes an untrained model lets through) at
   batch 1, ``torch.no_grad()``, eval mode, after warm-up runs, on the CPU.
   The models take turns (one forward each per round), so a machine whose
-  load changes affects them alike; on a shared machine ``min`` is the
-  steadier figure.
+  load changes affects them alike. On a shared machine use ``--threads 1``:
+  with more threads than free cores every parallel region waits for a
+  descheduled thread (measured: 2 threads on 2 busy cores, 2-10x slower
+  and erratic).
 
-Untrained BN statistics blow eval-mode activations up into denormal floats,
+Untrained weights can drive eval-mode activations into denormal floats,
 which make CPU kernels several times slower to a degree that differs per
 model; the script flushes denormals to zero (``--keep-denormals`` to not).
 
 Examples::
 
     python tools/analysis/benchmark_gso_yolo.py
-    python tools/analysis/benchmark_gso_yolo.py --runs 10 --threads 4 \\
+    python tools/analysis/benchmark_gso_yolo.py --threads 1 --runs 9 \\
         --json work_dirs/gso_yolo_benchmark.json
     python tools/analysis/benchmark_gso_yolo.py --models gso-yolo-n yolov8-n
     # + bbox mAP of gso-yolo-n and yolov8-n trained on the demo data with
     # the same schedule (tools/train.py, 300 iterations each)
     python tools/analysis/benchmark_gso_yolo.py --models gso-yolo-n \\
-        yolov8-n --demo-map --demo-iters 300
+        yolov8-n --threads 1 --demo-map --demo-iters 300
 """
 import argparse
 import copy
@@ -173,9 +175,10 @@ def _scalars(work_dir):
     return lines
 
 
-def demo_map(name, iters, work_dir, data_root):
+def demo_map(name, iters, work_dir, data_root, threads=None):
     """Train ``name`` on the demo data for ``iters`` iterations with
-    tools/train.py and return its final bbox mAP / mAP50."""
+    tools/train.py (``OMP_NUM_THREADS=threads`` if given) and return its
+    final bbox mAP / mAP50."""
     if name not in DEMO_CONFIGS:
         raise ValueError(f'--demo-map: no demo config for {name!r}; one of '
                          f'{sorted(DEMO_CONFIGS)}')
@@ -192,8 +195,12 @@ def demo_map(name, iters, work_dir, data_root):
         f'test_dataloader.dataset.data_root={root}',
         f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}'
     ]
+    env = dict(os.environ)
+    if threads:
+        env['OMP_NUM_THREADS'] = str(threads)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f'training {name} failed:\n{proc.stderr[-3000:]}')
     metrics = [s for s in _scalars(out) if 'coco/bbox_mAP' in s]
@@ -265,7 +272,9 @@ def parse_args(argv=None):
         '--threads',
         type=int,
         default=None,
-        help='torch CPU threads (default: torch default)')
+        help='torch CPU threads, also OMP_NUM_THREADS of the --demo-map '
+        'training (default: torch default). On a busy machine use 1: extra '
+        'threads stall at every parallel region')
     parser.add_argument(
         '--keep-denormals',
         action='store_true',
@@ -347,7 +356,7 @@ def main(argv=None):
                 flush=True)
             map_rows.append(
                 demo_map(name, args.demo_iters, args.work_dir,
-                         args.demo_data_root))
+                         args.demo_data_root, args.threads))
         print()
         print(format_map_table(map_rows))
         result['demo_map'] = map_rows

@@ -386,17 +386,18 @@ def local_lower_bound(model, batch, device='cpu'):
     acts = []
     for k, (start, end) in enumerate(ranges):
         model.zero_grad(set_to_none=True)
+        # copies made outside the meter: inputs and retained outputs are
+        # counted once, in their own terms
+        early = {s: o.clone() for s, o in produced_early.items()}
+        x_k = xs[k].clone()
         with PeakMemoryMeter(device) as meter:
             if k < len(ranges) - 1:
-                h = seq.forward_stem(xs[0], {}) if k == 0 else \
-                    xs[k].clone()
+                h = seq.forward_stem(x_k, {}) if k == 0 else x_k
                 h = seq.forward_blocks(h, start, end, {})
                 loss, _ = model.parse_losses(
                     model.aux_nets[k].loss(h, inputs, samples))
             else:
-                early = {s: o.clone() for s, o in produced_early.items()}
-                with model._backbone_runs_last_module(xs[k].clone(), start,
-                                                      early):
+                with model._backbone_runs_last_module(x_k, start, early):
                     loss, _ = model.parse_losses(
                         model.model.loss(inputs, samples))
             loss.backward()

@@ -11,7 +11,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmlocal.registry import MODELS
 from .c2f import C2f
 from .sppf import SPPF
-from .utils import check_factor, scale_channels, scale_depth
+from .utils import (check_factor, reset_conv_parameters, scale_channels,
+                    scale_depth)
 
 
 @MODELS.register_module()
@@ -54,6 +55,8 @@ class YOLOv8CSPDarknet(BaseModule):
         norm_eval (bool): Keep BN layers in eval mode while training.
             Defaults to False.
         init_cfg (dict or list[dict], optional): Initialization config.
+            Defaults to None: the convs get PyTorch's default
+            initialisation, as in YOLOv8.
     """
     # in_channels, out_channels, num_blocks of each stage before scaling
     arch_settings = {
@@ -151,6 +154,14 @@ class YOLOv8CSPDarknet(BaseModule):
         cfg = copy.deepcopy(cfg)
         cfg.setdefault('channels', channels)
         return MODELS.build(cfg)
+
+    def init_weights(self) -> None:
+        """PyTorch's default initialisation of the convs (YOLOv8's) unless
+        ``init_cfg`` asks for another."""
+        first_call = not self._is_init
+        super().init_weights()
+        if self.init_cfg is None and first_call:
+            reset_conv_parameters(self)
 
     def _freeze_stages(self) -> None:
         for name in self.layers[:self.frozen_stages + 1]:

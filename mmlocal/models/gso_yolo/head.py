@@ -15,7 +15,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from mmlocal.registry import MODELS, TASK_UTILS
-from .utils import check_factor, scale_channels
+from .utils import check_factor, reset_conv_parameters, scale_channels
 
 
 @MODELS.register_module()
@@ -86,6 +86,8 @@ class YOLOv8Head(BaseDenseHead):
         test_cfg (dict, optional): Post-processing: ``nms_pre``,
             ``score_thr``, ``nms``, ``max_per_img``, ``min_bbox_size``.
         init_cfg (dict or list[dict], optional): Initialization config.
+            Defaults to None: the convs get PyTorch's default
+            initialisation, as in YOLOv8.
     """
 
     def __init__(self,
@@ -197,9 +199,14 @@ class YOLOv8Head(BaseDenseHead):
         ])
 
     def init_weights(self) -> None:
-        """YOLOv8's prediction biases: 1.0 for the distance logits and a
-        prior of about 5 objects per 640x640 image for the class logits."""
+        """YOLOv8's initialisation: PyTorch's default for the convs (unless
+        ``init_cfg`` asks for another), prediction biases 1.0 for the
+        distance logits and a prior of about 5 objects per 640x640 image
+        for the class logits."""
+        first_call = not self._is_init
         super().init_weights()
+        if self.init_cfg is None and first_call:
+            reset_conv_parameters(self)
         for reg_pred, cls_pred, stride in zip(self.reg_preds, self.cls_preds,
                                               self.prior_generator.strides):
             nn.init.constant_(reg_pred.bias, 1.0)

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from mmlocal.registry import MODELS
 from .c2f import C2f
-from .utils import check_factor, scale_channels, scale_depth
+from .utils import (check_factor, reset_conv_parameters, scale_channels,
+                    scale_depth)
 
 
 @MODELS.register_module()
@@ -44,6 +45,8 @@ class YOLOv8PAFPN(BaseModule):
             eps=0.001).
         act_cfg (dict): Activation config. Defaults to SiLU.
         init_cfg (dict or list[dict], optional): Initialization config.
+            Defaults to None: the convs get PyTorch's default
+            initialisation, as in YOLOv8.
     """
 
     def __init__(self,
@@ -108,6 +111,14 @@ class YOLOv8PAFPN(BaseModule):
             self.bottom_up_layers.append(
                 c2f(self.out_channels[i] + self.top_down_channels[i + 1],
                     self.out_channels[i + 1]))
+
+    def init_weights(self) -> None:
+        """PyTorch's default initialisation of the convs (YOLOv8's) unless
+        ``init_cfg`` asks for another."""
+        first_call = not self._is_init
+        super().init_weights()
+        if self.init_cfg is None and first_call:
+            reset_conv_parameters(self)
 
     def forward(self, inputs: Sequence[Tensor]) -> tuple:
         if len(inputs) != len(self.in_channels):

@@ -1,5 +1,7 @@
 import math
 
+import torch.nn as nn
+
 
 def scale_channels(channels: int,
                    widen_factor: float,
@@ -25,3 +27,12 @@ def check_factor(name: str, value: float) -> float:
             or value <= 0:
         raise ValueError(f'{name}={value!r} must be a positive number')
     return float(value)
+
+
+def reset_conv_parameters(module: nn.Module) -> None:
+    """Give every ``nn.Conv2d`` in ``module`` PyTorch's default initialisation
+    (Kaiming-uniform weights with a = sqrt(5)), which YOLOv8 trains from,
+    in place of the Kaiming-normal one of mmcv's ``ConvModule``."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()

@@ -41,9 +41,11 @@ class CascadeLocalAux(InfoProAux):
         independent_weight (float): ``w_x``. Default 0.001 (reference).
         cascade_weight (float): ``w_y``. Default 0.999 (reference).
         independent_det_head (dict, optional): Overrides of the independent
-            :class:`DetAuxHead` (default: 64 channels, one level).
+            :class:`DetAuxHead` (default: light, 64 channels, one level at
+            stride >= 32; the reference's is GAP + linear).
         independent_seg_head (dict, optional): Overrides of the independent
-            :class:`SegAuxHead` (default: 64 channels).
+            :class:`SegAuxHead` (default: light, one 1x1 conv to 64
+            channels).
         patch_grid (int): ``P``; 1 = no PFF. Default 1.
         patch_remainder (str): ``'error'`` (P must divide the feature map)
             or ``'uneven'`` (patches differ by at most one row/column).
@@ -90,13 +92,14 @@ class CascadeLocalAux(InfoProAux):
                        in_channels=module_info.in_channels,
                        stride=module_info.stride,
                        num_classes=module_info.num_classes,
-                       feat_channels=64, num_levels=1)
+                       feat_channels=64, num_levels=1, min_stride=32)
             cfg.update(copy.deepcopy(independent_det_head or {}))
         else:
             cfg = dict(type='mmlocal.SegAuxHead',
                        in_channels=module_info.in_channels,
                        num_classes=module_info.num_classes,
-                       ignore_index=module_info.ignore_index, channels=64)
+                       ignore_index=module_info.ignore_index, channels=64,
+                       head=dict(kernel_size=1))
             cfg.update(copy.deepcopy(independent_seg_head or {}))
         self.independent_head = MODELS.build(cfg)
 
