@@ -28,7 +28,8 @@ def _build(scope, **cfg):
     else:
         import mmseg.models  # noqa: F401
         from mmseg.registry import MODELS
-    return MODELS.build(dict(init_cfg=None, **cfg))
+    # an explicit scope: another test may have left a global default scope
+    return MODELS.build(dict(init_cfg=None, _scope_=scope, **cfg))
 
 
 # id -> (scope, build cfg)

@@ -1,5 +1,6 @@
 # YOLOv8-n trained from scratch on the real demo tiles (data/demo, 1 class,
-# ~320 px; prepare with `python tools/data/prepare_demo.py`) on one CPU:
+# ~320 px; prepare with `python tools/data/prepare_demo.py`) on one CPU (on
+# a busy machine prefix OMP_NUM_THREADS=1: ~2 s/iteration, ~10 minutes):
 #   python tools/train.py configs/gso_yolo/yolov8_n_1xb8-300i_demo-trees.py
 # The baseline of gso-yolo_n_1xb8-300i_demo-trees.py (same data, schedule).
 _base_ = [

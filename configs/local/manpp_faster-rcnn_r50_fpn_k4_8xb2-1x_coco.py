@@ -1,11 +1,10 @@
 # MAN++ (Su et al., TPAMI 2026): MAN with a learnable scale per module,
 # y = s * LB(h) + (2 - s) * EMA(h).
-# Stage-aligned K=4 split {stem+layer1}, {layer2}, {layer3}, {layer4} as in
-# MAN++'s COCO RetinaNet; the EMA copies follow layer2[0], layer3[0], layer4[0].
+# K=4 split of InfoPro's config (mmdet's frozen stem + layer1 join module 0;
+# MAN++'s COCO code trains layer1 and cuts at stage ends instead).
 _base_ = './infopro_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py'
 
 model = dict(
-    stage_aligned=True,
     aux=dict(
         _delete_=True,
         type='mmlocal.MomentumAux',
