@@ -1,8 +1,9 @@
-# MAN (Su et al., ECCV 2024): InfoPro's local loss on y = LB(h) + EMA(h), where
-# LB / EMA are a learnable and a momentum copy of the next module's first block.
+# MAN (Su et al., ECCV 2024): InfoPro's local loss on y = LB(h) + EMA(h),
+# LB / EMA: a learnable and a momentum copy of the next module's first block.
 _base_ = './infopro_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
 
-model = dict(aux=dict(_delete_=True, type='mmlocal.MomentumAux', momentum=0.995))
+model = dict(
+    aux=dict(_delete_=True, type='mmlocal.MomentumAux', momentum=0.995))
 custom_hooks = [
     dict(type='mmlocal.PeakMemoryHook', interval=50),
     dict(type='mmlocal.MomentumAuxHook')

@@ -1,5 +1,5 @@
-# MAN (Su et al., ECCV 2024): InfoPro's local loss on y = LB(h) + EMA(h), where
-# LB / EMA are a learnable and a momentum copy of the next module's first block.
+# MAN (Su et al., ECCV 2024): InfoPro's local loss on y = LB(h) + EMA(h),
+# LB / EMA: a learnable and a momentum copy of the next module's first block.
 # K=4 split of InfoPro's config (mmdet's frozen stem + layer1 join module 0;
 # MAN++'s COCO code trains layer1 and cuts at stage ends instead).
 _base_ = './infopro_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py'

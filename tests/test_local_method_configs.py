@@ -1,0 +1,50 @@
+"""Configs of the MAN / MAN++ / HPFF / MLAAN / AugLocal families: every one
+parses, has its hooks, and the K=4 RetinaNet ones build."""
+import glob
+import os.path as osp
+
+import pytest
+from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
+
+from conftest import REPO
+from test_configs import _offline
+
+FAMILIES = ('man', 'manpp', 'hpff', 'mlaan', 'auglocal')
+CONFIGS = sorted(
+    p for f in FAMILIES
+    for p in glob.glob(osp.join(REPO, 'configs', '*', f'{f}_*.py')))
+
+
+def test_every_family_has_its_configs():
+    names = {osp.basename(p) for p in CONFIGS}
+    for family in FAMILIES:
+        for rest in ('retinanet_r50_fpn_k4_8xb2-1x_coco.py',
+                     'faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py',
+                     'deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py',
+                     'deeplabv3_r50-d8_k4_4xb2-40k_cityscapes-512x1024.py'):
+            assert f'{family}_{rest}' in names, (family, rest)
+        assert any(n.startswith(family + '_') and n.endswith(
+            'demo-trees.py') for n in names), family
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_config_parses(path):
+    cfg = Config.fromfile(path)
+    assert cfg.model.type == 'mmlocal.LocalLearner'
+    hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
+    assert 'mmlocal.PeakMemoryHook' in hooks
+    if cfg.model.aux.type in ('mmlocal.MomentumAux', 'mmlocal.MLAANAux'):
+        assert 'mmlocal.MomentumAuxHook' in hooks
+
+
+@pytest.mark.parametrize(
+    'path', [p for p in CONFIGS if 'retinanet_r50_fpn_k4' in p],
+    ids=osp.basename)
+def test_k4_retinanet_config_builds(path):
+    cfg = Config.fromfile(path)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(_offline(cfg.model))
+    assert model.num_modules == 4 and len(model.aux_nets) == 3
+    assert type(model.aux_nets[0]).__name__ == \
+        cfg.model.aux.type.split('.')[-1]
