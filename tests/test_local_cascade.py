@@ -159,3 +159,16 @@ def test_gradient_accumulation_scales_cascade_losses():
     for name in want:
         torch.testing.assert_close(got[name], want[name] / 2, atol=1e-6,
                                    rtol=1e-5, msg=name)
+
+
+def test_amp_on_cpu_bf16(monkeypatch):
+    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp_mod
+    monkeypatch.setattr(amp_mod, 'is_cuda_available', lambda: True)
+    learner = build(num_modules=3, aux=cascade_aux(patch_grid=2))
+    with pytest.warns(UserWarning):  # GradScaler disables itself on CPU
+        ow = amp_mod.AmpOptimWrapper(
+            optimizer=torch.optim.SGD(learner.parameters(), lr=0.01),
+            dtype='bfloat16')
+    out = learner.train_step(det_batch(), ow)
+    assert all(torch.isfinite(torch.as_tensor(v)).all()
+               for v in out.values())
