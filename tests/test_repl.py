@@ -97,6 +97,8 @@ def randomize(model, seed=1):
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
+                # tracked: the light layer does not recalibrate them
+                m.num_batches_tracked.fill_(1)
 
 
 def assert_close(got, expected, name='', rel=1e-7):
@@ -114,7 +116,7 @@ def outputs_loss(outs, seed=2):
 
 # ------------------------------------------------------------------ plans
 def test_resnet50_interval_plans_and_frozen_stages():
-    model = repl(R50, interval=2)
+    model = repl(R50, interval=2, layer='full')
     assert model.replaced_blocks == [
         'layer1.1', 'layer2.1', 'layer2.3', 'layer3.1', 'layer3.3', 'layer3.5',
         'layer4.1'
@@ -127,6 +129,14 @@ def test_resnet50_interval_plans_and_frozen_stages():
     assert plan['layer2.3']['next'] is None
     assert set(plan['layer2.3']['rules'].values()) == {'prev'}
     assert model.kept_tensors == []
+    # the light layer skips conv2/bn2 (identity when folded): no neighbour
+    # needed, nothing synthesised for them
+    light = {p['name']: p for p in repl(R50, interval=2).plan}
+    assert light['layer2.1']['rules']['conv1.weight'] == 'next'
+    assert light['layer2.1']['rules']['conv2.weight'] == 'unused'
+    assert light['layer2.1']['rules']['bn2.bias'] == 'unused'
+    assert light['layer3.3']['rules'][
+        'conv3.weight'] == 'both'
     assert repl(
         R50, interval=3).replaced_blocks == [
             'layer1.2', 'layer2.2', 'layer3.2', 'layer3.5', 'layer4.2'
@@ -138,7 +148,7 @@ def test_resnet50_interval_plans_and_frozen_stages():
 
 
 def test_resnet18_keeps_unmatched_conv1():
-    model = repl(R18, interval=2)
+    model = repl(R18, interval=2, layer='full')
     assert model.replaced_blocks == [
         'layer1.1', 'layer2.1', 'layer3.1', 'layer4.1'
     ]
@@ -148,6 +158,10 @@ def test_resnet18_keeps_unmatched_conv1():
     ]
     kept = model.backbone.layer2[1].conv1.weight
     assert isinstance(kept, torch.nn.Parameter) and kept.requires_grad
+    # the light BasicBlock skips conv1: nothing is kept
+    light = repl(R18, interval=2)
+    assert light.kept_tensors == []
+    assert 'layer2.1.conv1.weight' in light.skipped_tensors
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -165,6 +179,7 @@ def test_resnet18_keeps_unmatched_conv1():
     (dict(blocks=[2], fusion=None), r'blocks: block layer1\.2.*fusion=None'),
     (dict(blocks=[1], fusion='nearest'), r"fusion='nearest'"),
     (dict(blocks=[1], transform=dict(type='Nope')), r"transform.type="),
+    (dict(blocks=[1], layer='tiny'), r"layer='tiny' must be one of"),
 ])
 def test_bad_plans_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -179,6 +194,15 @@ def test_bad_plans_other_backbones():
         repl(VIT, blocks=[0])
     with pytest.raises(ValueError, match=r'blocks=\[0\].*first bottleneck'):
         repl(CSP, blocks=[0])
+    with pytest.raises(
+            ValueError, match=r"layer='light'.*DarknetBottleneck.*'full'"):
+        repl(CSP, interval=2, layer='light')
+    with pytest.raises(ValueError,
+                       match=r"layer='light'.*layer1\.1.*affine BatchNorm"):
+        repl(
+            dict(R18, norm_cfg=dict(type='GN', num_groups=8)),
+            blocks=[1],
+            from_cfg=True)
     with pytest.raises(
             ValueError,
             match=r'backbone=MobileNetV2 is not '
@@ -196,16 +220,21 @@ def _bottleneck(p):
 
 
 @pytest.mark.parametrize(
-    'transform, per_block',
+    'layer, transform, per_block',
     [
-        (SCALAR, lambda p: 2),
-        (CHANNEL, lambda p: 2 * 12 * p),  # 2 * (p + p + p + p + 4p + 4p)
-        (dict(type='mmlocal.RepLLowRankMix', rank=4), lambda p: 2 * 12 * p *
-         (1 + 2 * 4)),
+        ('full', SCALAR, lambda p: 2),
+        ('full', CHANNEL, lambda p: 2 * 12 * p),  # 2(p + p + p + p + 4p + 4p)
+        ('full', dict(type='mmlocal.RepLLowRankMix', rank=4),
+         lambda p: 2 * 12 * p * (1 + 2 * 4)),
+        # light: conv1, bn1, conv3, bn3 only -> 2 (p + p + 4p + 4p)
+        ('light', SCALAR, lambda p: 2),
+        ('light', CHANNEL, lambda p: 2 * 10 * p),
+        ('light', dict(type='mmlocal.RepLLowRankMix', rank=4),
+         lambda p: 2 * 10 * p * (1 + 2 * 4)),
     ])
-def test_resnet50_trainable_params_analytic(transform, per_block):
+def test_resnet50_trainable_params_analytic(layer, transform, per_block):
     assert trainable(stock(R50)) == R50_STOCK
-    model = repl(R50, interval=2, transform=transform)
+    model = repl(R50, interval=2, transform=transform, layer=layer)
     # layer1.1, layer2.1, layer2.3, layer3.1, layer3.3, layer3.5, layer4.1
     planes = [64, 128, 128, 256, 256, 256, 512]
     expected = R50_STOCK - sum(_bottleneck(p) for p in planes) + \
@@ -216,20 +245,24 @@ def test_resnet50_trainable_params_analytic(transform, per_block):
 
 
 @pytest.mark.parametrize(
-    'transform, per_block',
+    'mode, transform, per_block',
     [
-        (SCALAR, lambda d: 2),
-        (CHANNEL,
+        ('full', SCALAR, lambda d: 2),
+        ('full', CHANNEL,
          lambda d: 2 * 11 * d),  # ln1 D, qkv 3D, proj D, ln2 D, fc 4D+D
-        (LOWRANK, lambda d: 2 * 11 * d * (1 + 2 * 2)),
+        ('full', LOWRANK, lambda d: 2 * 11 * d * (1 + 2 * 2)),
+        # light (MLP only): ln2 D, fc1 4D, fc2 D
+        ('light', SCALAR, lambda d: 2),
+        ('light', CHANNEL, lambda d: 2 * 6 * d),
+        ('light', LOWRANK, lambda d: 2 * 6 * d * (1 + 2 * 2)),
     ])
-def test_vit_b_trainable_params_analytic(transform, per_block):
+def test_vit_b_trainable_params_analytic(mode, transform, per_block):
     d, layers, tokens = 768, 12, 1 + (32 // 16)**2
     vit_b = dict(
         type='mmseg.VisionTransformer', img_size=(32, 32), patch_size=16)
     layer = 12 * d * d + 13 * d  # qkv 3D^2+3D, proj D^2+D, MLP 8D^2+5D, LN 4D
     stem = 3 * 16 * 16 * d + d + tokens * d  # patch conv (no bias), cls, pos
-    model = repl(vit_b, interval=2, transform=transform)
+    model = repl(vit_b, interval=2, transform=transform, layer=mode)
     assert model.replaced_blocks == [
         f'layers.{i}' for i in (1, 3, 5, 7, 9, 11)
     ]
@@ -248,6 +281,10 @@ def _exact_grads(backbone, transform, seed=0, **kwargs):
     ``dL/dW_{k-1} = own + a g_k``, ``dL/dW_{k+1} = own + b g_k``,
     ``dL/da = <g_k, W_{k-1}>``, ``dL/db = <g_k, W_{k+1}>`` (mirror: both
     coefficients on the one neighbour).
+
+    ``layer='light'``: the light layer normalises with running statistics,
+    so the folded stock blocks run their norms in eval mode; skipped layers
+    fold to identities and get nothing.
     """
     model = repl(backbone, seed=seed, transform=transform, **kwargs)
     randomize(model)
@@ -256,6 +293,11 @@ def _exact_grads(backbone, transform, seed=0, **kwargs):
     ref = stock(backbone).double()
     ref.load_state_dict(model.fold_state_dict(), strict=True)
     ref.train()
+    if model.layer == 'light':
+        for name in model.replaced_blocks:
+            for m in ref.get_submodule(name).modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
     x = torch.randn(
         2,
         3,
@@ -305,28 +347,80 @@ def _exact_grads(backbone, transform, seed=0, **kwargs):
     return model
 
 
-def test_gradients_reach_both_neighbours_and_transforms_resnet():
-    _exact_grads(R50, SCALAR, interval=2)
+@pytest.mark.parametrize('layer', ['full', 'light'])
+def test_gradients_reach_both_neighbours_and_transforms_resnet(layer):
+    _exact_grads(R50, SCALAR, interval=2, layer=layer)
 
 
-def test_gradients_reach_both_neighbours_and_transforms_vit():
-    _exact_grads(VIT, SCALAR, interval=2)
+@pytest.mark.parametrize('layer', ['full', 'light'])
+def test_gradients_reach_both_neighbours_and_transforms_vit(layer):
+    _exact_grads(VIT, SCALAR, interval=2, layer=layer)
+
+
+def test_gradients_light_resnet18_lowrank():
+    """Light BasicBlocks (conv1 skipped) with the low-rank transform: the
+    gradients of every parameter equal those of the folded stock model,
+    through autograd of the synthesis (not the scalar identities)."""
+    model = repl(R18, interval=2, transform=LOWRANK)
+    randomize(model)
+    model.double().train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    ref = stock(R18).double()
+    ref_params = dict(ref.named_parameters())
+    folded = {
+        k: v.clone().requires_grad_(k in ref_params)
+        for k, v in model.fold_state_dict().items()
+    }
+    outputs_loss(model(x)).backward()
+    # stock forward with the folded tensors as leaves, replaced blocks' norms
+    # in eval mode; then push their gradients through the synthesis
+    ref.train()
+    for name in model.replaced_blocks:
+        for m in ref.get_submodule(name).modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    out = torch.func.functional_call(ref, folded, (x, ))
+    outputs_loss(out).backward()
+    params = dict(model.backbone.named_parameters())
+    expected = {n: folded[n].grad.clone() for n in params}
+    leaves = [p for p in model.parameters()]
+    synth = []
+    for rep in model.replacements.values():
+        for (path, name), t in rep.synthesize().items():
+            synth.append((t, folded[f'{rep.block_name}.{path}.{name}'].grad))
+    extra = torch.autograd.grad([t for t, _ in synth], leaves,
+                                [g for _, g in synth], allow_unused=True)
+    for (n, p), e in zip(model.named_parameters(), extra):
+        want = (expected[n[len('backbone.'):]]
+                if n.startswith('backbone.') else 0.) + \
+            (e if e is not None else 0.)
+        assert_close(p.grad, want, n)
+        assert p.grad.abs().sum() > 0, n
+    # the skipped conv1 of a light BasicBlock gets nothing, is no parameter
+    assert 'layer2.1.conv1.weight' not in params
 
 
 def test_gradients_csp():
-    model = _exact_grads(CSP, SCALAR, interval=2)
+    model = _exact_grads(CSP, SCALAR, interval=2, layer='full')
     assert model.replaced_blocks == ['stage2.1.blocks.1', 'stage3.1.blocks.1']
 
 
-@pytest.mark.parametrize('backbone, transform', [
-    (R50, LOWRANK),
-    (R18, CHANNEL),
-    (VIT, LOWRANK),
-    (dict(VIT, final_norm=True, with_cp=True), CHANNEL),
-    (CSP, CHANNEL),
+@pytest.mark.parametrize('backbone, transform, layer', [
+    (R50, LOWRANK, 'full'),
+    (R50, LOWRANK, 'light'),
+    (dict(R50, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)), CHANNEL,
+     'light'),
+    (R18, CHANNEL, 'full'),
+    (R18, CHANNEL, 'light'),
+    (VIT, LOWRANK, 'full'),
+    (VIT, LOWRANK, 'light'),
+    (dict(VIT, final_norm=True, with_cp=True), CHANNEL, 'full'),
+    (dict(VIT, final_norm=True, with_cp=True), CHANNEL, 'light'),
+    (CSP, CHANNEL, 'full'),
 ])
-def test_fold_equivalence(backbone, transform):
-    model = repl(backbone, interval=2, transform=transform)
+def test_fold_equivalence(backbone, transform, layer):
+    model = repl(backbone, interval=2, transform=transform, layer=layer)
     randomize(model)
     ref = stock(backbone)
     folded = model.fold_state_dict()

@@ -37,12 +37,10 @@ Examples::
 """
 import argparse
 import copy
-import glob
 import json
 import os
 import os.path as osp
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +49,9 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # make ``import mmlocal`` work from a plain checkout too
 sys.path.insert(0, REPO)
 
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+import demo_map as _demo_map  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
@@ -167,53 +168,15 @@ def measure(name, config, shape):
 
 
 # ------------------------------------------------------------ demo mAP
-def _scalars(work_dir):
-    lines = []
-    for path in glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')):
-        with open(path) as f:
-            lines += [json.loads(line) for line in f if line.strip()]
-    return lines
-
-
 def demo_map(name, iters, work_dir, data_root, threads=None):
-    """Train ``name`` on the demo data for ``iters`` iterations with
-    tools/train.py (``OMP_NUM_THREADS=threads`` if given) and return its
-    final bbox mAP / mAP50."""
+    """Train the demo config of ``name`` for ``iters`` iterations with
+    tools/train.py and return its final bbox mAP / mAP50
+    (:func:`demo_map.demo_map`)."""
     if name not in DEMO_CONFIGS:
         raise ValueError(f'--demo-map: no demo config for {name!r}; one of '
                          f'{sorted(DEMO_CONFIGS)}')
-    out = osp.join(work_dir, name)
-    root = data_root.rstrip('/') + '/'
-    ann = root + 'annotations/instances_val.json'
-    cmd = [
-        sys.executable,
-        osp.join(REPO, 'tools', 'train.py'),
-        osp.join(REPO, DEMO_CONFIGS[name]), '--work-dir', out, '--cfg-options',
-        f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
-        f'train_dataloader.dataset.data_root={root}',
-        f'val_dataloader.dataset.data_root={root}',
-        f'test_dataloader.dataset.data_root={root}',
-        f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}'
-    ]
-    env = dict(os.environ)
-    if threads:
-        env['OMP_NUM_THREADS'] = str(threads)
-    start = time.time()
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f'training {name} failed:\n{proc.stderr[-3000:]}')
-    metrics = [s for s in _scalars(out) if 'coco/bbox_mAP' in s]
-    if not metrics:
-        raise RuntimeError(f'no coco/bbox_mAP logged in {out}')
-    return dict(
-        model=name,
-        config=DEMO_CONFIGS[name],
-        iters=iters,
-        bbox_mAP=metrics[-1]['coco/bbox_mAP'],
-        bbox_mAP_50=metrics[-1]['coco/bbox_mAP_50'],
-        train_minutes=(time.time() - start) / 60,
-        work_dir=out)
+    return _demo_map.demo_map(name, osp.join(REPO, DEMO_CONFIGS[name]),
+                              iters, work_dir, data_root, threads)
 
 
 # ----------------------------------------------------------------- output
@@ -233,16 +196,7 @@ def format_table(rows, shape, threads):
     return '\n'.join(lines)
 
 
-def format_map_table(rows):
-    lines = [
-        '| model (demo data) | iters | bbox mAP | bbox mAP50 | train (min) |',
-        '|---|---:|---:|---:|---:|'
-    ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['iters']} | {r['bbox_mAP']:.3f} "
-                     f"| {r['bbox_mAP_50']:.3f} | "
-                     f"{r['train_minutes']:.1f} |")
-    return '\n'.join(lines)
+format_map_table = _demo_map.format_map_table
 
 
 def parse_args(argv=None):

@@ -490,7 +490,7 @@ def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
         phases=phases,
         loss=_loss_value(log_vars),
         method=meter.method)
-    if mode == 'local' and hasattr(model, 'module_ranges'):
+    if mode == 'local' and len(getattr(model, 'module_ranges', ())) > 1:
         result['lower_bound'] = local_lower_bound(
             model, make_random_batch(input_shape, task, num_classes,
                                      seed=seed), device)

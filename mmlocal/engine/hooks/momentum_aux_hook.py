@@ -22,7 +22,9 @@ class MomentumAuxHook(Hook):
     step do not move the EMA:
 
     - gradient accumulation: ``optim_wrapper.should_update()`` is False;
-    - AMP: the loss scaler skipped the step (its scale went down).
+    - AMP: the loss scaler skipped the step (its scale went down);
+    - ``LocalLearner(nan_guard='skip')`` dropped the iteration (its
+      ``last_iter_skipped``).
 
     Before the first iteration of a fresh run (iteration 0, i.e. not resumed;
     pretrained weights are loaded by then) the copies are initialised from
@@ -48,6 +50,10 @@ class MomentumAuxHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None):
         wrapper = runner.optim_wrapper
+        model = runner.model.module if is_model_wrapper(runner.model) \
+            else runner.model
+        if getattr(model, 'last_iter_skipped', False):
+            return  # LocalLearner(nan_guard='skip') dropped this iteration
         if not wrapper.should_update():
             return  # accumulating gradients: no step this iteration
         if self._scale is not None and \

@@ -1,9 +1,12 @@
 import copy
+import functools
+import logging
 from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from mmengine.logging import MessageHub, print_log
 from mmengine.model import BaseModel, ModuleList
 
 from mmlocal.engine.optim_wrappers import (check_local_optim_wrapper,
@@ -72,6 +75,97 @@ def _cascade_span(aux_nets):
         raise TypeError('an auxiliary net with cascade_span must implement '
                         'backward_streams()')
     return span
+
+
+# ----------------------------------------------------------------------
+# NaN guard
+NAN_GUARD_MODES = ('raise', 'skip', None)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A local loss or the model's loss is NaN or infinite.
+
+    Raised by :class:`LocalLearner` (``nan_guard='raise'``) before that loss
+    is back-propagated and before any optimizer step of the iteration.
+
+    Attributes:
+        module (int): Index of the module whose loss is not finite.
+        terms (list[str]): Names of the non-finite loss terms (``['loss']``
+            when only their sum is known).
+        iteration (int): The iteration (``runner.iter``, 0-based, from
+            mmengine's ``MessageHub``; else the model's own count of
+            ``train_step`` calls, 0-based).
+    """
+
+    def __init__(self, message, module, terms, iteration):
+        super().__init__(message)
+        self.module = module
+        self.terms = list(terms)
+        self.iteration = iteration
+
+
+def _nonfinite_terms(terms):
+    """``'name=value'`` for every non-finite loss term of a log dict."""
+    bad = []
+    for name, value in (terms or {}).items():
+        if name == 'loss' or 'loss' not in name:
+            continue
+        value = torch.as_tensor(value).detach()
+        if not bool(torch.isfinite(value).all()):
+            shown = value.float().mean().item() if value.numel() else value
+            bad.append(f'{name}={shown}')
+    return bad
+
+
+class _IterationState:
+    """What ``nan_guard='skip'`` puts back when it drops an iteration.
+
+    The ``.grad`` of every parameter as it was when the iteration started
+    (``None`` after the previous step's ``zero_grad``; the gradients of the
+    earlier iterations of an accumulation window otherwise) and every buffer
+    (BatchNorm statistics that the forward passes of the dropped iteration
+    have already updated).
+    """
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+        self.grads = [None if p.grad is None else p.grad.detach().clone()
+                      for p in self.params]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    @torch.no_grad()
+    def restore(self):
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+        for b, saved in self.buffers:
+            b.copy_(saved)
+
+
+def _nan_guarded(train_step):
+    """Wrap ``LocalLearner.train_step`` with the ``nan_guard='skip'``
+    behaviour (``'raise'`` and ``None`` just run it)."""
+
+    @functools.wraps(train_step)
+    def guarded(self, data, optim_wrapper):
+        self._nan_guard_calls += 1
+        self.last_iter_skipped = False
+        if self.nan_guard != 'skip':
+            return train_step(self, data, optim_wrapper)
+        state = _IterationState(self)
+        try:
+            return train_step(self, data, optim_wrapper)
+        except NonFiniteLossError as exc:
+            state.restore()
+            self.last_iter_skipped = True
+            self.num_skipped_iters += 1
+            print_log(
+                f'{exc}; nan_guard=\'skip\': iteration {exc.iteration} '
+                'skipped (gradients and buffers restored, no optimizer '
+                f'step; {self.num_skipped_iters} skipped so far)',
+                logger='current', level=logging.WARNING)
+            return {}
+
+    return guarded
 
 
 class _ModuleGraph:
@@ -153,6 +247,15 @@ class LocalLearner(BaseModel):
             :class:`LocalModuleInfo` as ``module_info``.
         attach_stages (Sequence[int]): Stage indices (backbone
             ``out_indices`` numbering) whose outputs reach the neck attached.
+        nan_guard (str | None): What a NaN/inf local loss or model loss
+            does. ``'raise'`` (default): a :class:`NonFiniteLossError`
+            (a ``FloatingPointError``) naming the module, the non-finite
+            terms and the iteration, raised before that loss is
+            back-propagated and before the optimizer step, so no parameter
+            and no optimizer state changes. ``'skip'``: the iteration is
+            dropped instead (gradients and buffers restored to their state
+            at its start, no step, a warning is logged) and training goes on;
+            not supported with several processes. ``None``: no check.
     """
 
     def __init__(self,
@@ -162,6 +265,7 @@ class LocalLearner(BaseModel):
                  stage_aligned=False,
                  aux=dict(type='mmlocal.InfoProAux'),
                  attach_stages=(),
+                 nan_guard='raise',
                  init_cfg=None):
         if isinstance(model, dict):
             model = copy.deepcopy(model)
@@ -196,6 +300,13 @@ class LocalLearner(BaseModel):
                              f'{sorted(stages)}')
         self.attach_stages = tuple(attach_stages)
         self.phase_callback = None
+        if nan_guard not in NAN_GUARD_MODES:
+            raise ValueError(f'nan_guard={nan_guard!r} must be one of '
+                             f'{NAN_GUARD_MODES}')
+        self.nan_guard = nan_guard
+        self.num_skipped_iters = 0  # by nan_guard='skip'
+        self.last_iter_skipped = False  # read by MomentumAuxHook
+        self._nan_guard_calls = 0
 
         num_classes, ignore_index = _num_classes(inner, self.task)
         mean = getattr(self.data_preprocessor, 'mean', None)
@@ -275,6 +386,7 @@ class LocalLearner(BaseModel):
         finally:
             del backbone.forward
 
+    @_nan_guarded
     def train_step(self, data, optim_wrapper):
         """One iteration: K-1 local backward passes, then the model's loss.
 
@@ -290,6 +402,7 @@ class LocalLearner(BaseModel):
             with optim_wrapper.optim_context(self):
                 losses = self.model.loss(inputs, data_samples)
             loss, log_vars = self.parse_losses(losses)
+            self._check_finite(0, loss, log_vars)
             optim_wrapper.update_params(loss)
             self._mark('module0')
             return log_vars
@@ -306,6 +419,7 @@ class LocalLearner(BaseModel):
             with self._backbone_runs_last_module(x, start, outs):
                 losses = self.model.loss(inputs, data_samples)
         loss, log_vars = self.parse_losses(losses)
+        self._check_finite(self.num_modules - 1, loss, log_vars)
         optim_wrapper.update_params(loss)
         self._mark(f'module{self.num_modules - 1}')
 
@@ -334,6 +448,7 @@ class LocalLearner(BaseModel):
                 produced = set(outs) - before
                 local_losses = self.aux_nets[k].loss(h, inputs, data_samples)
             loss_k, logs_k = self.parse_losses(local_losses)
+            self._check_finite(k, loss_k, logs_k)
             keep = any(s in self.attach_stages for s in produced)
             local_backward(optim_wrapper, loss_k, retain_graph=keep)
             for s in produced:
@@ -408,6 +523,9 @@ class LocalLearner(BaseModel):
         total = 0.
 
         def backward(loss):
+            # terms are re-evaluated only to name them in the error
+            self._check_finite(k, loss, lambda: self.aux_nets[k].loss(
+                h.detach(), inputs, data_samples))
             local_backward(optim_wrapper, loss)
 
         def forward_context():
@@ -454,6 +572,40 @@ class LocalLearner(BaseModel):
             total = total + loss_k
             self._mark(f'module{k}')
         return x, total
+
+    # ------------------------------------------------------------------
+    # NaN guard
+    def _check_finite(self, k, loss, terms=None):
+        """Raise :class:`NonFiniteLossError` if ``loss`` of module ``k`` is
+        NaN/inf (unless ``nan_guard`` is None).
+
+        Called before ``loss`` is back-propagated. ``terms`` is the log dict
+        of ``parse_losses`` or a callable returning the loss dict (called
+        only on failure, without gradient, to name the terms).
+        """
+        if self.nan_guard is None or \
+                bool(torch.isfinite(torch.as_tensor(loss).detach()).all()):
+            return
+        if callable(terms):
+            try:
+                with torch.no_grad():
+                    terms = self.parse_losses(terms())[1]
+            except Exception:  # naming the terms is best effort
+                terms = None
+        bad = _nonfinite_terms(terms) or [
+            f'loss={torch.as_tensor(loss).detach().float().mean().item()}']
+        hub_iter = MessageHub.get_current_instance().get_info('iter')
+        iteration = hub_iter if isinstance(hub_iter, int) else \
+            self._nan_guard_calls - 1
+        start, end = self.module_ranges[k]
+        what = "the model's own loss" if k == self.num_modules - 1 else \
+            'the local loss'
+        raise NonFiniteLossError(
+            f'non-finite loss: {what} of module {k} (blocks {start}-'
+            f'{end - 1}) at iteration {iteration}: '
+            f'{", ".join(bad)}. Stopped before back-propagating it and before '
+            f'the optimizer step (nan_guard={self.nan_guard!r})', k,
+            [b.split('=')[0] for b in bad], iteration)
 
     def _mark(self, name):
         if self.phase_callback is not None:

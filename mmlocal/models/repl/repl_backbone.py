@@ -11,8 +11,9 @@ from mmlocal.models.local.split import (BLOCK_SEQUENCE_ADAPTERS,
                                         build_block_sequence)
 from mmlocal.registry import MODELS
 from .conv_block import conv_supported_types, conv_units
-from .synthesis import (FUSION_RULES, OWN, BlockReplacement, choose_rules,
-                        match_sources, transform_class)
+from .light import LAYER_MODES, light_spec
+from .synthesis import (FUSION_RULES, OWN, UNUSED, BlockReplacement,
+                        choose_rules, match_sources, transform_class)
 from .vit_block import vit_types, vit_units
 
 
@@ -99,6 +100,7 @@ class RepLBackbone(BaseModule):
                  blocks=None,
                  transform=dict(type='mmlocal.RepLScalarMix'),
                  fusion='mirror',
+                 layer='light',
                  replaced_norm_eval=False,
                  pretrained=None,
                  init_cfg=None):
@@ -108,21 +110,25 @@ class RepLBackbone(BaseModule):
         if fusion not in FUSION_RULES:
             raise ValueError(f'fusion={fusion!r} must be one of '
                              f'{FUSION_RULES} for RepLBackbone({name})')
+        if layer not in LAYER_MODES:
+            raise ValueError(f'layer={layer!r} must be one of {LAYER_MODES} '
+                             f'for RepLBackbone({name})')
+        self.layer = layer
         transform_class(transform)  # fail early on a bad type
         self.transform_cfg = copy.deepcopy(dict(transform))
         self.fusion = fusion
         self.replaced_norm_eval = replaced_norm_eval
         self.units = _units(self.backbone)
-        chosen = _select(self.units, interval, blocks, fusion, name)
+        chosen = _select(self.units, interval, blocks, fusion, name, layer)
         self.interval = interval
         self.replacements = nn.ModuleDict()
-        for unit, prev_unit, next_unit, rules in chosen:
+        for unit, prev_unit, next_unit, rules, light in chosen:
             self.replacements[unit.name.replace('.', '_')] = \
                 BlockReplacement(
                     unit.module,
                     prev_unit.module if prev_unit else None,
                     next_unit.module if next_unit else None,
-                    rules, self.transform_cfg, unit.name)
+                    rules, self.transform_cfg, unit.name, light=light)
         self.plan = [
             dict(
                 index=unit.index,
@@ -131,8 +137,9 @@ class RepLBackbone(BaseModule):
                 next=next_unit.name if next_unit else None,
                 rules={
                     (f'{p}.{n}' if p else n): r
-                    for (p, n), r in rules.items()
-                }) for unit, prev_unit, next_unit, rules in chosen
+                    for (p, n), r in rep.rules.items()
+                }) for (unit, prev_unit, next_unit, _, _), rep in zip(
+                    chosen, self.replacements.values())
         ]
         # what LocalLearner / necks read from a backbone
         if hasattr(self.backbone, 'out_indices'):
@@ -152,6 +159,15 @@ class RepLBackbone(BaseModule):
         return [
             f'{p["name"]}.{t}' for p in self.plan
             for t, r in p['rules'].items() if r == OWN
+        ]
+
+    @property
+    def skipped_tensors(self):
+        """``'<block>.<layer>.<param>'`` of the tensors that the light layer
+        does not use (removed; they fold to identity layers)."""
+        return [
+            f'{p["name"]}.{t}' for p in self.plan
+            for t, r in p['rules'].items() if r == UNUSED
         ]
 
     def forward(self, x):
@@ -182,11 +198,12 @@ class RepLBackbone(BaseModule):
 
     # ------------------------------------------------------------------
     def _synthesized_keys(self):
-        """Stock keys (relative to the inner backbone) of the synthesised
-        tensors."""
+        """Stock keys (relative to the inner backbone) of the replaced
+        blocks' removed parameters (synthesised, or skipped by the light
+        layer)."""
         return [
             f'{rep.block_name}.{p}.{n}' if p else f'{rep.block_name}.{n}'
-            for rep in self.replacements.values() for p, n in rep.synthesized
+            for rep in self.replacements.values() for p, n in rep.removed
         ]
 
     def _accept_stock_keys(self, module, state_dict, prefix, local_metadata,
@@ -244,14 +261,14 @@ class RepLBackbone(BaseModule):
             for n, b in module._buffers.items():
                 key = prefix + n
                 if b is not None and key in state:
-                    out[key] = state[key]
+                    out[key] = folded[key] if key in folded else state[key]
         missing = set(state) - set(out)
         out.update((k, state[k]) for k in state if k in missing)
         return out
 
     def extra_repr(self):
         return (f'interval={self.interval}, fusion={self.fusion!r}, '
-                f'replaced={self.replaced_blocks}')
+                f'layer={self.layer!r}, replaced={self.replaced_blocks}')
 
 
 # ---------------------------------------------------------------- helpers
@@ -309,8 +326,20 @@ def _as_index(value, option, name):
             f'{option}={value!r} must be an int for {name}') from None
 
 
-def _select(units, interval, blocks, fusion, name):
-    """``[(unit, prev unit, next unit, rules)]`` of the blocks to replace."""
+def _matches(unit, prev_unit, next_unit, layer):
+    """``(matches, light spec)`` of a unit: with ``layer='light'`` only the
+    layers its light operator uses need neighbours."""
+    light = light_spec(unit.module, unit.name) if layer == 'light' else None
+    matches = match_sources(unit.module, prev_unit and prev_unit.module,
+                            next_unit and next_unit.module)
+    if light is not None:
+        matches = [m for m in matches if light.uses(m[0])]
+    return matches, light
+
+
+def _select(units, interval, blocks, fusion, name, layer='full'):
+    """``[(unit, prev unit, next unit, rules, light spec)]`` of the blocks
+    to replace."""
     if (interval is None) == (blocks is None):
         raise ValueError(
             'give exactly one of interval and blocks to RepLBackbone('
@@ -327,14 +356,12 @@ def _select(units, interval, blocks, fusion, name):
             if (unit.position + 1) % interval or unit.refusal or unit.frozen:
                 continue
             prev_unit, next_unit = _neighbours(units, unit)
-            matches = match_sources(unit.module, prev_unit
-                                    and prev_unit.module, next_unit
-                                    and next_unit.module)
+            matches, light = _matches(unit, prev_unit, next_unit, layer)
             try:
                 rules = choose_rules(unit.name, matches, fusion, 'interval')
             except ValueError:
                 continue  # interval plans skip what the rule can't fuse
-            chosen.append((unit, prev_unit, next_unit, rules))
+            chosen.append((unit, prev_unit, next_unit, rules, light))
         if not chosen:
             raise ValueError(
                 f'interval={interval} selects no replaceable block of {name} '
@@ -373,10 +400,9 @@ def _select(units, interval, blocks, fusion, name):
                     f'{max(i, other.index)} of {name} are neighbours; a '
                     'replaced block is synthesised from its neighbours, '
                     'which must be kept')
-        matches = match_sources(unit.module, prev_unit and prev_unit.module,
-                                next_unit and next_unit.module)
+        matches, light = _matches(unit, prev_unit, next_unit, layer)
         rules = choose_rules(unit.name, matches, fusion, 'blocks')
-        chosen.append((unit, prev_unit, next_unit, rules))
+        chosen.append((unit, prev_unit, next_unit, rules, light))
     return chosen
 
 

@@ -32,6 +32,7 @@ BOTH = 'both'  # T(W_{k-1}, W_{k+1})
 MIRROR_PREV = 'prev'  # T(W_{k-1}, W_{k-1}): no shape-compatible successor
 MIRROR_NEXT = 'next'  # T(W_{k+1}, W_{k+1}): no shape-compatible predecessor
 OWN = 'own'  # no compatible neighbour: stays a trainable parameter
+UNUSED = 'unused'  # layer='light' skips the layer: removed, folds neutral
 
 FUSION_RULES = (None, 'mirror')
 
@@ -182,17 +183,29 @@ class BlockReplacement(nn.Module):
             :class:`~.transforms.BaseRepLTransform`); ``num_channels`` is
             filled in per layer.
         block_name (str): For messages and ``repr``.
+        light (LightSpec, optional): With ``layer='light'``: the block's
+            light operator (:mod:`.light`) replaces its stock forward; the
+            parameters of the layers it skips are removed too (rule
+            ``'unused'``) and fold to identity layers.
     """
 
-    def __init__(self, block, prev_block, next_block, rules, transform,
-                 block_name):
+    def __init__(self,
+                 block,
+                 prev_block,
+                 next_block,
+                 rules,
+                 transform,
+                 block_name,
+                 light=None):
         super().__init__()
         self.block_name = block_name
+        self.light = light
         # plain containers: referenced, not registered (no duplicate keys)
         self._block = [block]
         self._neighbours = [prev_block, next_block]
         self.rules = dict(rules)
         self.synthesized = []  # [(path, name)] in module order
+        self.unused = {}  # (path, name) -> (shape, dtype, device)
         # stock parameter order of each layer, to write folded state dicts
         # in the order the stock model would
         self.param_order = {}
@@ -200,6 +213,11 @@ class BlockReplacement(nn.Module):
         for path, module, names in own_parameters(block):
             self.param_order[path] = list(names)
             for name in names:
+                if light is not None and not light.uses(path):
+                    p = module._parameters[name]
+                    self.unused[(path, name)] = (p.shape, p.dtype, p.device)
+                    self.rules[(path, name)] = UNUSED
+                    continue
                 if self.rules[(path, name)] != OWN:
                     self.synthesized.append((path, name))
                     layers.setdefault(path, []).append(
@@ -227,13 +245,26 @@ class BlockReplacement(nn.Module):
                         self._transform_of[item] = key
 
         # remove the parameters; shape-only placeholders until a forward
-        for path, name in self.synthesized:
+        for path, name in self.removed:
             module = _module(block, path)
             param = module._parameters.pop(name)
             setattr(module, name,
                     torch.empty(param.shape, dtype=param.dtype, device='meta'))
-        self._hook_ids = (block.register_forward_pre_hook(self._install).id,
-                          block.register_forward_hook(self._release).id)
+        if light is None:
+            self._hook_ids = (
+                block.register_forward_pre_hook(self._install).id,
+                block.register_forward_hook(self._release).id)
+        else:
+            self._hook_ids = None
+            # an instance attribute shadows the class's forward; a bound
+            # method of this module, so deep copies follow the copy
+            block.forward = self._light_forward
+
+    @property
+    def removed(self):
+        """``[(path, name)]`` of the block's parameters that are no longer
+        parameters (synthesised, or unused by the light layer)."""
+        return self.synthesized + list(self.unused)
 
     def _add_transform(self, key, cfg, channels):
         if key in self.transforms:
@@ -275,6 +306,20 @@ class BlockReplacement(nn.Module):
             out[(path, name)] = transform(prev, nxt)
         return out
 
+    def light_tensors(self):
+        """Every parameter the light layer uses: synthesised ones and the
+        block's own kept ones, ``{(path, name): tensor}``."""
+        tensors = self.synthesize()
+        for (path, name), rule in self.rules.items():
+            if rule == OWN:
+                tensors[(path, name)] = _module(self.block,
+                                                path)._parameters[name]
+        return tensors
+
+    def _light_forward(self, x):
+        from .light import light_forward
+        return light_forward(self.light, self.block, self.light_tensors(), x)
+
     def _install(self, block, args):
         for (path, name), tensor in self.synthesize().items():
             setattr(_module(block, path), name, tensor)
@@ -294,15 +339,30 @@ class BlockReplacement(nn.Module):
 
     def folded_tensors(self):
         """Synthesised tensors materialised (detached), keyed by
-        ``'<layer path>.<name>'`` relative to the block."""
+        ``'<layer path>.<name>'`` relative to the block; with the light
+        layer also the neutral tensors (parameters and norm buffers) that
+        make its skipped layers identities in the stock block."""
         with torch.no_grad():
-            return {
-                (f'{p}.{n}' if p else n): t.detach().clone()
-                for (p, n), t in self.synthesize().items()
-            }
+            synth = self.synthesize()
+            out = {(f'{p}.{n}' if p else n): t.detach().clone()
+                   for (p, n), t in synth.items()}
+            if self.light is not None:
+                from .light import neutral_tensors
+
+                # the model's current dtype/device (after .double(), .cuda())
+                like = next(iter(synth.values()))
+                shapes = {
+                    key: (shape, like.dtype, like.device)
+                    for key, (shape, _, _) in self.unused.items()
+                }
+                out.update(neutral_tensors(self.light, self.block, shapes))
+        return out
 
     def remove_hooks(self):
         block = self.block
+        if self._hook_ids is None:
+            block.__dict__.pop('forward', None)
+            return
         block._forward_pre_hooks.pop(self._hook_ids[0], None)
         block._forward_hooks.pop(self._hook_ids[1], None)
 
@@ -311,7 +371,8 @@ class BlockReplacement(nn.Module):
         for rule in self.rules.values():
             counts[rule] = counts.get(rule, 0) + 1
         parts = ', '.join(f'{k}={v}' for k, v in sorted(counts.items()))
-        return f'block={self.block_name}, tensors: {parts}'
+        layer = 'full' if self.light is None else f'light ({self.light.kind})'
+        return f'block={self.block_name}, layer={layer}, tensors: {parts}'
 
 
 def _module(block, path):

@@ -1,7 +1,5 @@
 import copy
-import warnings
 
-import torch
 import torch.nn as nn
 
 from mmlocal.registry import MODELS
@@ -9,10 +7,11 @@ from .auglocal import (STAGE_TRANSITIONS, block_sequence_of, build_layer,
                        plan_block_stack, reset_parameters,
                        sample_later_blocks, stack_output)
 from .cascade import CascadeLocalAux
+from .ema_copy import MomentumCopyMixin, check_momentum
 
 
 @MODELS.register_module()
-class MLAANAux(CascadeLocalAux):
+class MLAANAux(MomentumCopyMixin, CascadeLocalAux):
     """Multilaminar Leap Augmented Auxiliary Network (Zhang et al., AAAI
     2025).
 
@@ -72,8 +71,7 @@ class MLAANAux(CascadeLocalAux):
                  ema_buffers=False,
                  recon_weight=None,
                  **kwargs):
-        if not 0.0 < momentum < 1.0:
-            raise ValueError(f'momentum={momentum} must be in (0, 1)')
+        check_momentum(momentum)
         if isinstance(aux_depth, bool) or not isinstance(
                 aux_depth, int) or aux_depth < 1:
             raise ValueError(f'aux_depth={aux_depth!r} must be an int >= 1')
@@ -88,8 +86,6 @@ class MLAANAux(CascadeLocalAux):
         self.ema_buffers = ema_buffers
         super().__init__(module_info, cascade_span=cascade_span,
                          recon_weight=recon_weight, **kwargs)
-        self._warned_no_hook = False
-        self.ema_driven = False  # set by MomentumAuxHook
 
     def build_transform(self, module_info):
         seq, (_, end) = block_sequence_of(module_info)
@@ -101,8 +97,7 @@ class MLAANAux(CascadeLocalAux):
                      if item[0] == 'block')
         self.source_block = self.plan[first][1]
         source = seq.blocks[self.source_block]
-        # not a submodule: the backbone owns it
-        self._source = [source]
+        self._set_source(source)
         # 1x1 adapters before the first block ('adapter' transition only)
         self.pre = nn.Sequential(
             *(build_layer(seq, item) for item in self.plan[:first]))
@@ -114,11 +109,6 @@ class MLAANAux(CascadeLocalAux):
             *(build_layer(seq, item) for item in self.plan[first + 1:]))
         return stack_output(seq, self.plan)
 
-    @property
-    def source(self):
-        """The live block ``B_{j_1}`` the EMA copy follows."""
-        return self._source[0]
-
     def init_weights(self):
         """Fresh weights for the copies (the hook then syncs the EMA copy,
         and LB if asked, from the source)."""
@@ -126,36 +116,7 @@ class MLAANAux(CascadeLocalAux):
         for module in (self.pre, self.lb, self.ema, self.post):
             reset_parameters(module)
 
-    @torch.no_grad()
-    def sync_from_source(self):
-        """Copy ``B_{j_1}`` into the EMA (and LB) copy as the options ask."""
-        if self.init_ema_from_source:
-            self.ema.load_state_dict(self.source.state_dict())
-        if self.init_lb_from_source:
-            self.lb.load_state_dict(self.source.state_dict())
-
-    @torch.no_grad()
-    def update_ema(self):
-        """``theta_EMA <- m * theta_EMA + (1 - m) * theta_B``."""
-        m = self.momentum
-        for p_ema, p_src in zip(self.ema.parameters(),
-                                self.source.parameters()):
-            p_ema.mul_(m).add_(p_src.detach(), alpha=1 - m)
-        if self.ema_buffers:
-            for b_ema, b_src in zip(self.ema.buffers(),
-                                    self.source.buffers()):
-                if b_ema.dtype.is_floating_point:
-                    b_ema.mul_(m).add_(b_src, alpha=1 - m)
-                else:
-                    b_ema.copy_(b_src)
-
     def transform(self, h):
-        if self.training and not self.ema_driven and \
-                not self._warned_no_hook:
-            warnings.warn('MLAANAux is training without '
-                          'mmlocal.MomentumAuxHook: its EMA copies are not '
-                          'updated. Add custom_hooks=[dict(type='
-                          '"mmlocal.MomentumAuxHook")].')
-            self._warned_no_hook = True
+        self._warn_if_not_driven()
         z = self.pre(h)
         return self.post(self.lb(z) + self.ema(z))

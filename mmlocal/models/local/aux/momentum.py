@@ -1,15 +1,15 @@
 import copy
-import warnings
 
 import torch
 import torch.nn as nn
 
 from mmlocal.registry import MODELS
+from .ema_copy import MomentumCopyMixin, check_momentum
 from .infopro import InfoProAux
 
 
 @MODELS.register_module()
-class MomentumAux(InfoProAux):
+class MomentumAux(MomentumCopyMixin, InfoProAux):
     """Momentum Auxiliary Network: MAN (ECCV 2024) and MAN++ (TPAMI 2026).
 
     Su et al. give module k's auxiliary net a view of what comes next: the
@@ -53,8 +53,7 @@ class MomentumAux(InfoProAux):
                  init_lb_from_source=False,
                  ema_buffers=False,
                  **kwargs):
-        if not 0.0 < momentum < 1.0:
-            raise ValueError(f'momentum={momentum} must be in (0, 1)')
+        check_momentum(momentum)
         if module_info.next_block is None:
             raise ValueError(
                 f'MomentumAux of module {module_info.index} needs the first '
@@ -65,13 +64,10 @@ class MomentumAux(InfoProAux):
         self.init_lb_from_source = init_lb_from_source
         self.ema_buffers = ema_buffers
         super().__init__(module_info, **kwargs)
-        self._warned_no_hook = False
-        self.ema_driven = False  # set by MomentumAuxHook
 
     def build_transform(self, module_info):
         source = module_info.next_block
-        # not a submodule: the backbone owns it (no duplicate keys/params)
-        self._source = [source]
+        self._set_source(source)
         self.lb = copy.deepcopy(source)
         self.ema = copy.deepcopy(source)
         for p in self.ema.parameters():
@@ -81,11 +77,6 @@ class MomentumAux(InfoProAux):
         else:
             self.register_buffer('scale', torch.tensor(1.0))
         return module_info.next_out_channels, module_info.next_stride
-
-    @property
-    def source(self):
-        """The live first block of the next module."""
-        return self._source[0]
 
     def init_weights(self):
         """Re-initialise the copies unless they start from the source.
@@ -100,36 +91,7 @@ class MomentumAux(InfoProAux):
                 if hasattr(m, 'reset_parameters') and m is not copy_:
                     m.reset_parameters()
 
-    @torch.no_grad()
-    def sync_from_source(self):
-        """Copy ``B`` into the EMA (and LB) copy as the options ask."""
-        if self.init_ema_from_source:
-            self.ema.load_state_dict(self.source.state_dict())
-        if self.init_lb_from_source:
-            self.lb.load_state_dict(self.source.state_dict())
-
-    @torch.no_grad()
-    def update_ema(self):
-        """``theta_EMA <- m * theta_EMA + (1 - m) * theta_B``."""
-        m = self.momentum
-        for p_ema, p_src in zip(self.ema.parameters(),
-                                self.source.parameters()):
-            p_ema.mul_(m).add_(p_src.detach(), alpha=1 - m)
-        if self.ema_buffers:
-            for b_ema, b_src in zip(self.ema.buffers(),
-                                    self.source.buffers()):
-                if b_ema.dtype.is_floating_point:
-                    b_ema.mul_(m).add_(b_src, alpha=1 - m)
-                else:
-                    b_ema.copy_(b_src)
-
     def transform(self, h):
-        if self.training and not self.ema_driven and \
-                not self._warned_no_hook:
-            warnings.warn('MomentumAux is training without '
-                          'mmlocal.MomentumAuxHook: its EMA copy is not '
-                          'updated. Add custom_hooks=[dict(type='
-                          '"mmlocal.MomentumAuxHook")].')
-            self._warned_no_hook = True
+        self._warn_if_not_driven()
         s = self.scale
         return s * self.lb(h) + (2 - s) * self.ema(h)
