@@ -10,6 +10,7 @@ import torch
 from mmengine.config import Config
 
 from conftest import REPO
+from mmlocal.models.local import balance
 from mmlocal.models.local.balance import balanced_split_points, module_costs
 
 _spec = importlib.util.spec_from_file_location(
@@ -18,12 +19,17 @@ plan_split = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(plan_split)
 
 
-def brute_force(blocks, aux, head, k, stem=0, span=1):
+def brute_force(blocks, aux, head, k, stem=0, span=1, key=None):
+    """Every split; by default the descending sorted module costs compared
+    lexicographically (least largest, then least second largest, ...)."""
+    key = key or (lambda c: sorted(c, reverse=True))
     return min(itertools.combinations(sorted(aux), k - 1),
-               key=lambda pts: (max(module_costs(pts, blocks, aux, head,
-                                                 stem, span)),
-                                sum(module_costs(pts, blocks, aux, head,
-                                                 stem, span))))
+               key=lambda pts: key(module_costs(pts, blocks, aux, head,
+                                                stem, span)))
+
+
+def max_sum(costs):
+    return (max(costs), sum(costs))
 
 
 def test_module_costs_formula():
@@ -38,22 +44,41 @@ def test_module_costs_formula():
         [2 + 5 + 10, 2 + 5 + 4 + 3 + 6, 2 + 1 + 20]
 
 
-@pytest.mark.parametrize('seed', range(6))
-def test_dp_equals_brute_force(seed):
+def _random_costs(seed):
     rng = random.Random(seed)
     n = rng.randint(5, 12)
     frozen = rng.randint(0, 2)
     blocks = [0] * frozen + [rng.uniform(1, 10) for _ in range(n - frozen)]
     aux = {p: rng.uniform(0, 15) for p in range(frozen + 1, n)}
-    head = rng.uniform(0, 30)
-    for k in range(1, min(5, len(aux) + 1) + 1):
+    return blocks, aux, rng.uniform(0, 30)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_search_equals_brute_force(seed):
+    blocks, aux, head = _random_costs(seed)
+    for span in (1, 2):
+        for k in range(1, min(5, len(aux) + 1) + 1):
+            got = balanced_split_points(blocks, aux, head, k, stem_cost=1.5,
+                                        span=span)
+            want = list(brute_force(blocks, aux, head, k, 1.5, span))
+            assert got == want, (span, k)
+            assert got == sorted(set(got)) and len(got) == k - 1
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_dp_fallback_equals_brute_force(seed, monkeypatch):
+    # above MAX_COMBINATIONS the exact (largest, total) DP takes over
+    monkeypatch.setattr(balance, 'MAX_COMBINATIONS', 0)
+    blocks, aux, head = _random_costs(seed)
+    for k in range(2, min(5, len(aux) + 1) + 1):
         got = balanced_split_points(blocks, aux, head, k, stem_cost=1.5)
-        want = list(brute_force(blocks, aux, head, k, stem=1.5))
-        key = (lambda pts: (max(module_costs(pts, blocks, aux, head, 1.5)),
-                            sum(module_costs(pts, blocks, aux, head, 1.5))))
+        want = brute_force(blocks, aux, head, k, 1.5, key=max_sum)
         # ties may pick other points with the same (max, sum)
-        assert key(got) == pytest.approx(key(want)), (k, got, want)
-        assert got == sorted(set(got)) and len(got) == k - 1
+        assert max_sum(module_costs(got, blocks, aux, head, 1.5)) == \
+            pytest.approx(max_sum(module_costs(want, blocks, aux, head,
+                                               1.5))), (k, got, want)
+    with pytest.raises(ValueError, match='too many to try'):
+        balanced_split_points(blocks, aux, head, 3, span=2)
 
 
 def test_balancing_moves_cuts_towards_the_expensive_end():

@@ -49,7 +49,13 @@ def test_local_config_builds(path):
     assert cfg.model.type == 'mmlocal.LocalLearner'
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = MODELS.build(_offline(cfg.model))
-    k = cfg.model.num_modules
+    k = cfg.model.get('num_modules') or \
+        len(cfg.model.get('split_points')) + 1
     assert model.num_modules == k and len(model.aux_nets) == k - 1
+    # the K in the file name
+    assert f'_k{k}_' in osp.basename(path)
+    if cfg.model.get('split_points') is not None:
+        assert [s for s, _ in model.module_ranges[1:]] == \
+            list(cfg.model.split_points)
     assert type(model.aux_nets[0]).__name__ == \
         cfg.model.aux.type.split('.')[-1]

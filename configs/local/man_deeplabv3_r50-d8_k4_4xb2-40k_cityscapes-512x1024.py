@@ -1,3 +1,4 @@
 _base_ = './man_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
 
-model = dict(num_modules=4)
+# memory-balanced K=4 points for MAN's aux (tools/analysis/plan_split.py)
+model = dict(split_points=[6, 12, 14])

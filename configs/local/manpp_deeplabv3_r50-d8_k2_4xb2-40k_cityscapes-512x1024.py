@@ -3,6 +3,8 @@
 _base_ = './infopro_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
 
 model = dict(
+    # memory-balanced for MAN's aux (a copy of the next block) by plan_split.py
+    split_points=[11],
     aux=dict(
         _delete_=True,
         type='mmlocal.MomentumAux',

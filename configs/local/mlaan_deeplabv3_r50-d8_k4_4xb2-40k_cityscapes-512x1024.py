@@ -1,3 +1,4 @@
 _base_ = './mlaan_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
 
-model = dict(num_modules=4)
+# the memory-balanced K=4 points of the InfoPro config (plan_split.py)
+model = dict(split_points=[6, 12, 15])

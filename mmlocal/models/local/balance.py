@@ -16,14 +16,15 @@ range ``[s_k, e_k)`` and cascade span ``w`` is
 (``c_b``: activations block ``b`` saves for backward, ``a(e)``: peak of the
 auxiliary net at the boundary before block ``e``, ``c_head``: peak of the
 neck, heads and losses). :func:`balanced_split_points` returns the points
-minimising ``max_k C_k`` (then ``sum_k C_k``).
+minimising ``max_k C_k``, then the second largest ``C_k`` and so on (so the
+other modules keep headroom for the estimate's error).
 """
 import itertools
 
 __all__ = ['module_costs', 'balanced_split_points']
 
-# brute force above this many candidate splits is refused (use DP / span 1)
-MAX_COMBINATIONS = 2_000_000
+# above this many candidate splits: the (largest, total) DP, span 1 only
+MAX_COMBINATIONS = 200_000
 
 
 def _ranges(points, num_blocks):
@@ -61,7 +62,9 @@ def module_costs(points, block_costs, aux_costs, head_cost, stem_cost=0,
 
 
 def _key(costs):
-    return (max(costs), sum(costs))
+    # the largest module first, then the next largest, ...: the other
+    # modules keep as much headroom as they can (the estimate is not exact)
+    return sorted(costs, reverse=True)
 
 
 def balanced_split_points(block_costs, aux_costs, head_cost, num_modules,
@@ -90,20 +93,20 @@ def balanced_split_points(block_costs, aux_costs, head_cost, num_modules,
             f'but only {len(allowed)} are allowed: {allowed}')
     if num_modules == 1:
         return []
-    if span == 1:
-        return _minimax_dp(block_costs, aux_costs, head_cost, num_modules,
-                           stem_cost, allowed)
     count = 1
     for i in range(num_modules - 1):  # C(n, k) without overflow worries
         count = count * (len(allowed) - i) // (i + 1)
-    if count > MAX_COMBINATIONS:
-        raise ValueError(
-            f'{count} candidate splits for num_modules={num_modules} and '
-            f'cascade span {span}: too many to try; give split_points')
-    return list(min(
-        itertools.combinations(allowed, num_modules - 1),
-        key=lambda pts: _key(module_costs(pts, block_costs, aux_costs,
-                                          head_cost, stem_cost, span))))
+    if count <= MAX_COMBINATIONS:
+        return list(min(
+            itertools.combinations(allowed, num_modules - 1),
+            key=lambda pts: _key(module_costs(pts, block_costs, aux_costs,
+                                              head_cost, stem_cost, span))))
+    if span == 1:  # too many to try: least (largest, total), exactly
+        return _minimax_dp(block_costs, aux_costs, head_cost, num_modules,
+                           stem_cost, allowed)
+    raise ValueError(
+        f'{count} candidate splits for num_modules={num_modules} and '
+        f'cascade span {span}: too many to try; give split_points')
 
 
 def _minimax_dp(block_costs, aux_costs, head_cost, num_modules, stem_cost,
