@@ -2,10 +2,19 @@
 
 Run either under torchrun (each rank trains on its half of the batch through
 LocalDistributedDataParallel) or as a single process (the whole batch, no
-wrapper). Saves the parameters after N iterations to OUT/<tag>.pt.
+wrapper). Trains three tiny GroupNorm FCN LocalLearners for ITERS iterations
+and saves their state dicts to OUT/<tag><suffix>.pt (tag ``rank0``,
+``rank1`` or ``single``):
+
+- ``''``: InfoPro aux, SGD with momentum and ``clip_grad``;
+- ``'_man'``: MAN aux (``mmlocal.MomentumAux``), its EMA copies driven by
+  ``mmlocal.MomentumAuxHook`` exactly as the Runner calls it;
+- ``'_amp'``: InfoPro aux, ``AmpOptimWrapper`` (bfloat16 autocast on the
+  CPU) with ``clip_grad``.
 """
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -19,9 +28,65 @@ from mmengine.optim import OptimWrapper  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 
 from local_utils import gn_fcn_learner_cfg, seg_batch  # noqa: E402
+from mmlocal.engine.hooks import MomentumAuxHook  # noqa: E402
 from mmlocal.registry import MODELS  # noqa: E402
 
 ITERS = 2
+LR = 0.5  # parameters move by ~1e-3: far above the 1e-5 tolerance
+MAX_NORM = 0.3  # the averaged gradient norm is ~0.35 at the first step
+
+
+def build(aux_type=None):
+    cfg = gn_fcn_learner_cfg()
+    # zero-initialised residual norms would keep every block's convs (and
+    # so the MAN source block) at their initial value for the first steps
+    cfg['model']['backbone']['zero_init_residual'] = False
+    if aux_type is not None:
+        cfg['aux']['type'] = aux_type
+        cfg['aux']['momentum'] = 0.9  # the EMA moves visibly in 2 steps
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(ConfigDict(cfg))
+    model.init_weights()
+    return model
+
+
+def amp_wrapper(params):
+    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp_mod
+    amp_mod.is_cuda_available = lambda: True  # mmengine asserts a GPU
+    return amp_mod.AmpOptimWrapper(
+        optimizer=torch.optim.SGD(params, lr=LR, momentum=0.9),
+        dtype='bfloat16', clip_grad=dict(max_norm=MAX_NORM))
+
+
+def train(model, rank, world, distributed, amp=False, hook=None):
+    if distributed:
+        from mmlocal.engine.model_wrappers import \
+            LocalDistributedDataParallel
+        model = LocalDistributedDataParallel(model)
+    if amp:
+        ow = amp_wrapper(model.parameters())
+    else:
+        ow = OptimWrapper(
+            torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9),
+            clip_grad=dict(max_norm=MAX_NORM))
+    runner = SimpleNamespace(model=model, optim_wrapper=ow, iter=0)
+    if hook is not None:
+        hook.before_train(runner)
+    for it in range(ITERS):
+        batch = seg_batch(n=4, size=32, seed=it, ignore=False)
+        if distributed:  # this rank's contiguous half of the same batch
+            per = 4 // world
+            batch = {k: v[rank * per:(rank + 1) * per]
+                     for k, v in batch.items()}
+        runner.iter = it
+        if hook is not None:
+            hook.before_train_iter(runner, it)
+        model.train_step(batch, ow)
+        if hook is not None:
+            hook.after_train_iter(runner, it)
+    module = model.module if distributed else model
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def main(out_dir):
@@ -31,28 +96,17 @@ def main(out_dir):
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        model = MODELS.build(ConfigDict(gn_fcn_learner_cfg()))
-    model.init_weights()
-    if distributed:
-        from mmlocal.engine.model_wrappers import \
-            LocalDistributedDataParallel
-        model = LocalDistributedDataParallel(model)
-    ow = OptimWrapper(
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        clip_grad=dict(max_norm=1.0))
-    for it in range(ITERS):
-        batch = seg_batch(n=4, size=32, seed=it, ignore=False)
-        if distributed:  # this rank's contiguous half of the same batch
-            per = 4 // world
-            batch = {k: v[rank * per:(rank + 1) * per]
-                     for k, v in batch.items()}
-        model.train_step(batch, ow)
-    module = model.module if distributed else model
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     tag = f'rank{rank}' if distributed else 'single'
-    torch.save(state, os.path.join(out_dir, f'{tag}.pt'))
+    runs = {
+        '': dict(model=build()),
+        '_man': dict(model=build('mmlocal.MomentumAux'),
+                     hook=MomentumAuxHook()),
+        '_amp': dict(model=build(), amp=True),
+    }
+    for suffix, kwargs in runs.items():
+        state = train(rank=rank, world=world, distributed=distributed,
+                      **kwargs)
+        torch.save(state, os.path.join(out_dir, f'{tag}{suffix}.pt'))
     if distributed:
         dist.destroy_process_group()
 

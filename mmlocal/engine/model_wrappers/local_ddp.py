@@ -13,6 +13,38 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def sync_batchnorm_layers(module):
+    """Names of the SyncBatchNorm layers (torch's or mmcv's) in ``module``."""
+    types = [nn.SyncBatchNorm]
+    try:
+        from mmcv.ops import SyncBatchNorm as MMCVSyncBatchNorm
+        types.append(MMCVSyncBatchNorm)
+    except ImportError:  # pragma: no cover - mmcv without compiled ops
+        pass
+    return [n for n, m in module.named_modules()
+            if isinstance(m, tuple(types))]
+
+
+def check_sync_bn_device(module):
+    """Refuse SyncBatchNorm layers on a device where they cannot run.
+
+    torch's ``SyncBatchNorm`` raises "expected input tensor to be on GPU" in
+    its first training forward on a CPU tensor (torch 2.14; mmcv's needs
+    CUDA too), so with gloo on the CPU it cannot work. Say so at once, with
+    the fix, instead of at the first iteration.
+    """
+    layers = sync_batchnorm_layers(module)
+    param = next(module.parameters(), None)
+    if not layers or param is None or param.device.type != 'cpu':
+        return
+    raise ValueError(
+        f'{len(layers)} SyncBatchNorm layers (e.g. {layers[0]!r}; from '
+        "sync_bn='torch'/'mmcv' or norm_cfg=dict(type='SyncBN')) cannot run "
+        'on the CPU: SyncBatchNorm needs CUDA tensors. Train on GPUs, or use '
+        "BN (norm_cfg=dict(type='BN'), no sync_bn) for CPU runs; BatchNorm "
+        'statistics are then per rank')
+
+
 @MODEL_WRAPPERS.register_module()
 class LocalDistributedDataParallel(nn.Module):
     """Data-parallel training for models that back-propagate several times
@@ -34,8 +66,16 @@ class LocalDistributedDataParallel(nn.Module):
     gradients). Parameters start equal (broadcast from rank 0 here and by
     the Runner after ``init_weights``). Unlike DDP, communication does not
     overlap with the backward pass; the cost is one all-reduce of the
-    gradients per iteration. BatchNorm statistics stay per rank unless the
-    config sets ``sync_bn='torch'``.
+    gradients per iteration. BatchNorm statistics stay per rank unless
+    ``sync_bn`` is set (here, or as the config's top-level ``sync_bn`` that
+    the Runner applies before wrapping); SyncBatchNorm needs CUDA and is
+    refused on the CPU with a clear error.
+
+    Works with ``OptimWrapper``/``AmpOptimWrapper`` (the averaging runs
+    before AMP's unscale and before ``clip_grad``, so every rank clips the
+    same averaged gradient), with mmengine's ``EMAHook`` and with
+    ``mmlocal.MomentumAuxHook`` (both read ``self.module``, whose parameters
+    are identical on every rank after each step).
 
     The wrapped model is ``self.module``; checkpoints hold its plain keys.
 
@@ -44,13 +84,24 @@ class LocalDistributedDataParallel(nn.Module):
             ``BaseModel``).
         bucket_size_mb (float): All-reduce bucket size. Default 25.
         broadcast_buffers (bool): Broadcast buffers from rank 0 at start.
+        sync_bn (str, optional): ``'torch'`` or ``'mmcv'``: convert every
+            BatchNorm layer of the model (auxiliary nets included) to that
+            SyncBatchNorm (mmengine's ``convert_sync_batchnorm``). Needs
+            CUDA. Default None (per-rank statistics).
         **kwargs: Accepted and ignored for config compatibility with DDP
             (``device_ids``, ``find_unused_parameters``, ...).
     """
 
     def __init__(self, module, bucket_size_mb=25, broadcast_buffers=True,
-                 **kwargs):
+                 sync_bn=None, **kwargs):
         super().__init__()
+        if sync_bn is not None:
+            if sync_bn not in ('torch', 'mmcv'):
+                raise ValueError(f"sync_bn={sync_bn!r} must be 'torch', "
+                                 "'mmcv' or None")
+            from mmengine.model import convert_sync_batchnorm
+            module = convert_sync_batchnorm(module, sync_bn)
+        check_sync_bn_device(module)
         self.module = module
         self.bucket_bytes = int(bucket_size_mb * 2**20)
         if _distributed() and dist.get_world_size() > 1 and \

@@ -522,10 +522,12 @@ class LocalLearner(BaseModel):
         graphs = {}
         total = 0.
 
+        current = {}  # module k's output, for the NaN guard's message
+
         def backward(loss):
             # terms are re-evaluated only to name them in the error
             self._check_finite(k, loss, lambda: self.aux_nets[k].loss(
-                h.detach(), inputs, data_samples))
+                current['h'], inputs, data_samples))
             local_backward(optim_wrapper, loss)
 
         def forward_context():
@@ -545,6 +547,7 @@ class LocalLearner(BaseModel):
             graphs[k] = _ModuleGraph(x, h, self._module_params(k), keep)
             h_ind = h.detach().requires_grad_()
             h_cas = h.detach().requires_grad_()
+            current['h'] = h.detach()
             logs = self.aux_nets[k].backward_streams(
                 h_ind, h_cas, inputs, data_samples, backward=backward,
                 forward_context=forward_context)
