@@ -11,4 +11,6 @@ model = dict(
         type='mmlocal.HPFFAux',
         cascade_span=2,
         patch_grid=2,
+        # stride-32 maps of padded COCO images are often odd-sized (25x42)
+        patch_remainder='uneven',
         det_head=dict(feat_channels=128)))

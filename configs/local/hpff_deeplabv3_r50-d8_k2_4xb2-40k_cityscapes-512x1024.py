@@ -10,5 +10,7 @@ model = dict(
         type='mmlocal.HPFFAux',
         cascade_span=2,
         patch_grid=2,
+        # stride-32 maps of padded COCO images are often odd-sized (25x42)
+        patch_remainder='uneven',
         independent_weight=0.001,
         cascade_weight=0.999))

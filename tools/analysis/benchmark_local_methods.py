@@ -22,6 +22,7 @@ import json
 import os.path as osp
 import statistics
 import sys
+import traceback
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def _same_model(cfgs):
 
 
 def run(runs, input_shape=None, iters=1, warmup=1, device=None, seed=0,
-        cfg_options=None, reference='infopro', verbose=True):
+        cfg_options=None, reference='infopro', verbose=True, on_result=None):
     """Measure e2e (twice) and every ``runs`` entry's local mode.
 
     Args:
@@ -53,7 +54,8 @@ def run(runs, input_shape=None, iters=1, warmup=1, device=None, seed=0,
     Returns:
         dict: ``input_shape``, ``e2e`` (first and last run), ``families``
         (name -> result of :func:`benchmark_memory.run_mode` plus
-        ``config``) and ``reference``.
+        ``config``, or ``error``) and ``reference``. ``on_result(report)``
+        is called after every measurement (a long run keeps what it has).
     """
     cfgs = {}
     for name, path in runs:
@@ -84,12 +86,20 @@ def run(runs, input_shape=None, iters=1, warmup=1, device=None, seed=0,
                   reference=reference if reference in cfgs else None,
                   e2e=[measure(first, 'e2e', 'e2e')], families={})
     for name, cfg in cfgs.items():
-        res = measure(cfg, 'local', name)
+        try:
+            res = measure(cfg, 'local', name)
+        except Exception as e:  # report it, go on with the other families
+            traceback.print_exc()
+            res = dict(error=f'{type(e).__name__}: {e}')
         res['config'] = dict(runs)[name]
         res['split'] = cfg.model.get('split_points') or \
             f"K={cfg.model.get('num_modules')}"
         report['families'][name] = res
+        if on_result:
+            on_result(report)
     report['e2e'].append(measure(first, 'e2e', 'e2e (again)'))
+    if on_result:
+        on_result(report)
     return report
 
 
@@ -114,6 +124,9 @@ def format_table(report):
                  f'{e2e_time:.2f} s | 1.00x | '
                  f"{e2e[0]['params_trainable'] / 1e6:.2f}M | - |")
     for name, r in report['families'].items():
+        if 'error' in r:
+            lines.append(f"| {name} | {r['split']} | failed: {r['error']} |")
+            continue
         phases = {k: v for k, v in r.get('phases', {}).items()
                   if k != bm.REST_PHASE}
         largest = max(phases, key=phases.get) if phases else '-'
@@ -156,12 +169,17 @@ def main(argv=None):
         if not sep or not name or not path:
             raise SystemExit(f'{item!r}: give runs as NAME=CONFIG')
         runs.append((name, path))
+
+    def save(report):
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(report, f, indent=1, default=str)
+
     report = run(runs, args.input_shape, args.iters, args.warmup,
-                 args.device, args.seed, args.cfg_options, args.reference)
+                 args.device, args.seed, args.cfg_options, args.reference,
+                 on_result=save)
     print(format_table(report))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(report, f, indent=1, default=str)
         print(f'results written to {args.json}')
     return report
 
