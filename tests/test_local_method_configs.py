@@ -48,3 +48,32 @@ def test_k4_retinanet_config_builds(path):
     assert model.num_modules == 4 and len(model.aux_nets) == 3
     assert type(model.aux_nets[0]).__name__ == \
         cfg.model.aux.type.split('.')[-1]
+
+
+@pytest.mark.parametrize(
+    'path', [p for p in CONFIGS if 'hpff_' in p and '_coco' in p],
+    ids=osp.basename)
+def test_pff_detection_configs_take_odd_feature_maps(path):
+    """COCO images padded to a multiple of 32 give odd maps at stride 32
+    (800x1344 -> 25x42): the PFF grid must not refuse them."""
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    cfg = Config.fromfile(path)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(_offline(cfg.model))
+    nets = [a for a in model.aux_nets if getattr(a, 'patch_grid', 1) > 1]
+    assert nets
+    for aux in nets:
+        stride = aux.in_stride
+        inputs = torch.zeros(1, 3, 25 * stride, 42 * stride)
+        sample = DetDataSample(metainfo=dict(
+            img_shape=inputs.shape[-2:], pad_shape=inputs.shape[-2:]))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.tensor([[10., 10., 300., 200.]]),
+            labels=torch.tensor([0]))
+        h = torch.zeros(1, 2, 25, 42)
+        patches = aux.patches(h, inputs, [sample])
+        assert len(patches) == aux.patch_grid ** 2
+        assert sum(p[0].shape[-2] * p[0].shape[-1]
+                   for p in patches) == 25 * 42
