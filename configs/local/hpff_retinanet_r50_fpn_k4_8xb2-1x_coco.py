@@ -5,6 +5,9 @@
 _base_ = './infopro_retinanet_r50_fpn_k4_8xb2-1x_coco.py'
 
 model = dict(
+    # memory-balanced for HPFF's 2-module windows with PFF (plan_split.py at
+    # 1x3x800x1333: largest module 893 MiB vs 980 MiB at InfoPro's [4, 8, 15])
+    split_points=[6, 7, 15],
     aux=dict(
         _delete_=True,
         type='mmlocal.HPFFAux',
