@@ -43,7 +43,11 @@ fi
 
 START=$(date +%s)
 PYTHON_BIN="${PYTHON:-python3}"
-if [[ ! -x "$PY" ]]; then
+if [[ -x "$PY" ]] && ! "$PY" -m pip --version > /dev/null 2>&1; then
+    # an interrupted `python -m venv` leaves a python without pip
+    log "venv at $VENV has no pip (interrupted creation?): recreating it"
+    "$PYTHON_BIN" -m venv --clear "$VENV"
+elif [[ ! -x "$PY" ]]; then
     log "creating venv at $VENV with $($PYTHON_BIN --version)"
     "$PYTHON_BIN" -m venv "$VENV"
 fi
