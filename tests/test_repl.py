@@ -471,6 +471,9 @@ def test_deepcopy_after_a_step_trains_the_copy():
     t = twin.replacements['layer3_1'].transforms['conv2']
     assert t.a.grad is not None and t.a.grad.abs().sum() > 0
     assert twin.replacements['layer3_1'].block is twin.backbone.layer3[1]
+    # the light forward is bound to the copy's replacement
+    assert twin.backbone.layer3[1].forward.__self__ is \
+        twin.replacements['layer3_1']
 
 
 def test_replaced_norms_track_statistics_under_norm_eval():
@@ -482,6 +485,110 @@ def test_replaced_norms_track_statistics_under_norm_eval():
         dict(R18, norm_eval=True), interval=2, replaced_norm_eval=True)
     frozen_norms.train()
     assert not frozen_norms.backbone.layer1[1].bn1.training
+    # light layer, frozen norms: statistics calibrated once, then fixed
+    bn = frozen_norms.backbone.layer1[1].bn2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    frozen_norms(x)
+    calibrated = bn.running_var.clone()
+    assert not torch.all(calibrated == 1)
+    frozen_norms(x * 3)
+    assert torch.equal(bn.running_var, calibrated)
+
+
+def _saved_bytes(model, module, x):
+    """Bytes autograd keeps for backward in ``module(x)`` (distinct storages;
+    the model's parameters and the input excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip.add(x.untyped_storage().data_ptr())
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize('backbone, name, shape', [
+    (R50, 'layer2.1', (2, 512, 32, 32)),
+    (dict(VIT, img_size=(128, 128)), 'layers.1', (2, 257, 32)),
+])
+def test_light_layer_saves_activations(backbone, name, shape):
+    """The light Bottleneck keeps its p-channel ReLU output and its output
+    (5p channels) where the stock block keeps 12p (synthesised weights
+    counted too); the light ViT layer keeps no attention matrices."""
+    full = repl(backbone, interval=2, layer='full')
+    light = repl(backbone, interval=2)
+    x = torch.randn(*shape).relu_().requires_grad_()
+    for m in (full, light):
+        m.train()
+        # calibrate the light layer's statistics on this input
+        m.backbone.get_submodule(name)(x.detach())
+    stock_block = name[:-1] + '2'  # a kept block of the same shapes
+    stock_bytes = _saved_bytes(full, full.backbone.get_submodule(stock_block),
+                               x)
+    full_bytes = _saved_bytes(full, full.backbone.get_submodule(name), x)
+    light_bytes = _saved_bytes(light, light.backbone.get_submodule(name), x)
+    assert full_bytes >= stock_bytes  # full layer: same activations
+    assert light_bytes < 0.55 * stock_bytes, (light_bytes, stock_bytes)
+
+
+def test_light_statistics_calibrate_then_track():
+    model = repl(R18, interval=2, transform=CHANNEL)
+    model.init_weights()
+    model.train()
+    rep = model.replacements['layer2_1']
+    block = model.backbone.layer2[1]
+    seen = []
+    block.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+
+    def batch_stats():
+        weight = rep.synthesize()[('conv2', 'weight')].detach()
+        z = torch.nn.functional.conv2d(seen[-1], weight, None, 1, 1)
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=True)
+        return mean, var
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    model(x)
+    mean, var = batch_stats()
+    # first batch: exact calibration (not the reset 0 / 1)
+    assert_close(block.bn2.running_mean, mean, rel=1e-5)
+    assert_close(block.bn2.running_var, var, rel=1e-5)
+    assert int(block.bn2.num_batches_tracked) == 1
+    old_mean = block.bn2.running_mean.clone()
+    old_var = block.bn2.running_var.clone()
+    model(x * 2)
+    mean, var = batch_stats()
+    m = block.bn2.momentum
+    assert_close(block.bn2.running_mean, (1 - m) * old_mean + m * mean,
+                 rel=1e-4)
+    assert_close(block.bn2.running_var, (1 - m) * old_var + m * var,
+                 rel=1e-4)
+    # eval: nothing tracked
+    model.eval()
+    before = block.bn2.running_mean.clone()
+    model(x)
+    assert torch.equal(before, block.bn2.running_mean)
+
+
+def test_light_vit_with_cp_gives_the_same_gradients():
+    grads = []
+    for with_cp in (False, True):
+        model = repl(dict(VIT, with_cp=with_cp), interval=2,
+                     transform=CHANNEL)
+        randomize(model)
+        model.double().train()
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(5))
+        outputs_loss(model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert g is not None and grads[1][name] is not None, name
+        assert_close(grads[1][name], g, name)
 
 
 # --------------------------------------------------- pretrained weights
@@ -530,18 +637,31 @@ def _retinanet_cfg(**kwargs):
     return ConfigDict(cfg)
 
 
+class StepKeepGrads(OptimWrapper):
+    """Steps, never zeroes: the gradients of the step stay to inspect."""
+
+    def zero_grad(self, **kwargs):
+        pass
+
+
 def _step_changes_transforms(model, batch, optim_wrapper):
+    """One train_step: finite loss, every transform parameter gets a
+    gradient (``v`` of the low-rank mix only from the second step, as ``u``
+    starts at zero) and the step changes them."""
     before = {
         n: p.detach().clone()
         for n, p in model.named_parameters() if '.replacements.' in n
     }
     log_vars = model.train_step(batch, optim_wrapper)
     assert torch.isfinite(log_vars['loss'])
+    for n, p in model.named_parameters():
+        if n in before and not n.endswith(('.v_a', '.v_b')):
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
     changed = [
         n for n, p in model.named_parameters()
         if n in before and not torch.equal(p, before[n])
     ]
-    assert len(changed) > len(before) // 2
+    assert changed
     return log_vars
 
 
@@ -550,7 +670,7 @@ def test_detector_train_step():
         torch.manual_seed(0)
         model = MODELS.build(_retinanet_cfg())
     model.init_weights()
-    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    optim = StepKeepGrads(torch.optim.SGD(model.parameters(), lr=0.01))
     _step_changes_transforms(model, det_batch(), optim)
 
 
@@ -582,7 +702,7 @@ def test_segmentor_train_step_vit():
         torch.manual_seed(0)
         model = MODELS.build(cfg)
     model.init_weights()
-    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    optim = StepKeepGrads(torch.optim.SGD(model.parameters(), lr=0.01))
     _step_changes_transforms(model, seg_batch(size=32), optim)
 
 

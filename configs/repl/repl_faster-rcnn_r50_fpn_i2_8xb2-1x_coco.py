@@ -9,4 +9,5 @@ model = dict(
         type='mmlocal.RepLBackbone',
         backbone={{_base_.model.backbone}},
         interval=2,
-        transform=dict(type='mmlocal.RepLLowRankMix', rank=4)))
+        transform=dict(type='mmlocal.RepLLowRankMix', rank=4),
+        layer='light'))

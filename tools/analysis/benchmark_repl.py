@@ -53,8 +53,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from benchmark_memory import (
-    FALLBACK_OPTIM_WRAPPER,  # noqa: E402
+from benchmark_memory import (  # noqa: E402
+    FALLBACK_OPTIM_WRAPPER,
     _loss_value,
     _static_bytes,
     _sync,
@@ -69,6 +69,27 @@ from benchmark_memory import (
     plain_model_cfg,
     sanitize_model_cfg)
 from mmlocal.utils.memory import PeakMemoryMeter, format_bytes  # noqa: E402
+
+
+def set_layer(cfg, layer):
+    """Copy of ``cfg`` with ``layer=<layer>`` in every ``RepLBackbone``
+    (``'full'`` or ``'light'``; None: unchanged)."""
+    if layer is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if str(node.get('type', '')).endswith('RepLBackbone'):
+                node['layer'] = layer
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(cfg.model)
+    return cfg
 
 
 def stock_config(cfg):
@@ -106,6 +127,81 @@ def count_params(cfg):
     del model
     gc.collect()
     return info
+
+
+def count_flops(cfg, input_shape, blocks=(), seed=0):
+    """FLOPs of one ``train_step`` of ``cfg``'s model (forward + backward,
+    ``torch.utils.flop_counter``) and the part spent inside the backbone
+    modules named in ``blocks`` (attribute paths in the inner backbone)."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS, init_default_scope
+    from torch.utils.flop_counter import FlopCounterMode
+    plain = plain_model_cfg(cfg)
+    task = detect_task(cfg, plain)
+    num_classes = find_num_classes(plain, task)
+    init_default_scope(default_scope(cfg, task))
+    torch.manual_seed(seed)
+    model = MODELS.build(mode_model_cfg(cfg, 'e2e'))
+    model.train()
+    optim_cfg = cfg.get('optim_wrapper', None) or FALLBACK_OPTIM_WRAPPER
+    optim_wrapper = build_optim_wrapper(model, copy.deepcopy(optim_cfg))
+    # one step first: the light layer calibrates its statistics once
+    model.train_step(
+        make_random_batch(input_shape, task, num_classes, seed=seed + 1),
+        optim_wrapper)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.train_step(
+            make_random_batch(input_shape, task, num_classes, seed=seed),
+            optim_wrapper)
+    counts = counter.get_flop_counts()
+    inside = sum(
+        sum(ops.values()) for name, ops in counts.items()
+        if any(name.endswith('backbone.' + b) for b in blocks))
+    del model, optim_wrapper
+    gc.collect()
+    return counter.get_total_flops(), inside
+
+
+def run_flops(configs, input_shape, layer=None, verbose=True):
+    """Train-step FLOPs of e2e and RepL per config, and the zero-cost bound
+    (e2e minus the replaced blocks' share of the stock model)."""
+    from mmengine.registry import MODELS, init_default_scope
+    out = []
+    for path in configs:
+        cfg = set_layer(load_config(path), layer)
+        plain = plain_model_cfg(cfg)
+        init_default_scope(default_scope(cfg, detect_task(cfg, plain)))
+        model_cfg = sanitize_model_cfg(cfg.model)
+        if is_local_learner(cfg.model):
+            model_cfg = model_cfg['model']
+        backbone = MODELS.build(model_cfg['backbone'])
+        names = list(backbone.replaced_blocks)
+        del backbone
+        try:
+            e2e, replaced = count_flops(stock_config(cfg), input_shape, names)
+            repl, _ = count_flops(cfg, input_shape)
+        except Exception as e:  # report, go on with the other configs
+            traceback.print_exc()
+            out.append(
+                dict(config=path, error=f'{type(e).__name__}: {e}'))
+            continue
+        row = dict(
+            config=path,
+            input_shape=list(input_shape),
+            e2e_gflops=e2e / 1e9,
+            repl_gflops=repl / 1e9,
+            flops_ratio=repl / e2e,
+            replaced_share=replaced / e2e,
+            zero_cost_bound=1 - replaced / e2e)
+        out.append(row)
+        if verbose:
+            print(f"{osp.basename(path)}: e2e {row['e2e_gflops']:.1f} GFLOP, "
+                  f"RepL {row['repl_gflops']:.1f} ({row['flops_ratio']:.3f}x)"
+                  f", replaced blocks {row['replaced_share']:.1%} of e2e "
+                  f"(zero-cost bound {row['zero_cost_bound']:.3f}x)",
+                  flush=True)
+    return out
 
 
 def measure(cfg, local, input_shape, iters=2, warmup=1, device='cpu', seed=0):
@@ -189,7 +285,8 @@ def run(configs,
         warmup=1,
         device=None,
         seed=0,
-        verbose=True):
+        verbose=True,
+        layer=None):
     """Benchmark each config against its stock model; see the module
     docstring. Returns a JSON-able dict."""
     if device is None:
@@ -203,7 +300,7 @@ def run(configs,
         threads=torch.get_num_threads(),
         results=[])
     for path in configs:
-        cfg = load_config(path)
+        cfg = set_layer(load_config(path), layer)
         local = is_local_learner(cfg.model)
         stock = stock_config(cfg)
         plain = plain_model_cfg(cfg)
@@ -214,7 +311,8 @@ def run(configs,
             config=path,
             task=task,
             input_shape=list(shape),
-            num_classes=find_num_classes(plain, task))
+            num_classes=find_num_classes(plain, task),
+            layer=layer)
         key = json.dumps([
             sanitize_model_cfg(stock.model).to_dict(),
             list(shape),
@@ -320,6 +418,16 @@ def parse_args(argv=None):
         type=int,
         default=None,
         help='torch intra-op threads (default: torch\'s)')
+    parser.add_argument(
+        '--layer',
+        choices=['full', 'light'],
+        default=None,
+        help='override the RepLBackbone layer of the configs')
+    parser.add_argument(
+        '--flops-only',
+        action='store_true',
+        help='only count train-step FLOPs (e2e, RepL, replaced blocks; '
+        'torch.utils.flop_counter), e.g. at a small --input-shape')
     parser.add_argument('--json', help='write the results as JSON here')
     return parser.parse_args(argv)
 
@@ -330,8 +438,18 @@ def main(argv=None):
         raise SystemExit('--device cuda: CUDA is not available')
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.flops_only:
+        if not args.input_shape:
+            raise SystemExit('--flops-only needs --input-shape')
+        rows = run_flops(args.configs, args.input_shape, layer=args.layer)
+        if args.json:
+            os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
+            with open(args.json, 'w') as f:
+                json.dump(rows, f, indent=2)
+        return 0
     report = run(
         args.configs,
+        layer=args.layer,
         input_shape=args.input_shape,
         iters=args.iters,
         warmup=args.warmup,

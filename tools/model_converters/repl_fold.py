@@ -7,7 +7,11 @@ checkpoint, materialises every synthesised tensor and writes a checkpoint of
 the **stock** model (``RepLBackbone`` replaced by its inner backbone,
 ``LocalLearner`` by its model, auxiliary nets and transforms dropped) whose
 keys are exactly the stock ones (``backbone.layer2.1.conv1.weight``...), so
-it loads strictly into the plain mmdet/mmseg model without mmlocal.
+it loads strictly into the plain mmdet/mmseg model without mmlocal. With
+``layer='light'`` the layers a light replaced block skips are written as
+identities (Dirac ``conv2`` and identity ``bn2`` in a Bottleneck, zero
+attention projections in a ViT layer), so the stock block computes the light
+operator exactly.
 
 Usage::
 

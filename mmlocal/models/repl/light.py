@@ -106,8 +106,8 @@ def light_spec(block, block_name):
     """
     kind = None
     for cls, k in _resnet_block_types().items():
-        if type(block) is cls or (isinstance(block, cls) and type(block).forward
-                                  is cls.forward):
+        # the class itself or a subclass that keeps its forward (ResNeXt)
+        if isinstance(block, cls) and type(block).forward is cls.forward:
             kind = k
     vit = _vit_layer_type()
     if vit is not None and isinstance(block, vit) and \
@@ -182,16 +182,17 @@ def light_forward(spec, block, tensors, x):
         out = fused_conv_bn(x, block.conv1, block.norm1,
                             get('conv1', 'weight'), get('conv1', 'bias'),
                             get(block.norm1_name, 'weight'),
-                            get(block.norm1_name, 'bias')).relu_()
+                            get(block.norm1_name, 'bias'),
+                            block.training).relu_()
         out = fused_conv_bn(out, block.conv3, block.norm3,
                             get('conv3', 'weight'), get('conv3', 'bias'),
                             get(block.norm3_name, 'weight'),
-                            get(block.norm3_name, 'bias'))
+                            get(block.norm3_name, 'bias'), block.training)
     else:
         out = fused_conv_bn(x, block.conv2, block.norm2,
                             get('conv2', 'weight'), get('conv2', 'bias'),
                             get(block.norm2_name, 'weight'),
-                            get(block.norm2_name, 'bias'))
+                            get(block.norm2_name, 'bias'), block.training)
     return out.add_(x).relu_()
 
 
@@ -200,7 +201,14 @@ def _conv(x, conv, weight, bias):
                     conv.groups)
 
 
-def fused_conv_bn(x, conv, norm, weight, conv_bias, gamma, beta):
+def fused_conv_bn(x,
+                  conv,
+                  norm,
+                  weight,
+                  conv_bias,
+                  gamma,
+                  beta,
+                  calibrate=True):
     """``norm(conv(x))`` with the norm folded into the conv weights.
 
     .. math::  y = (\\mathrm{diag}(s) W) * x + \\beta - s\\,\\mu
@@ -211,16 +219,19 @@ def fused_conv_bn(x, conv, norm, weight, conv_bias, gamma, beta):
     only ``x`` (the conv's input) and the folded weight. When ``norm`` is in
     training mode the statistics are updated from this batch under
     ``no_grad`` (recovered from ``y``: ``E[z] = (E[y] - t) / s`` with ``t``
-    the folded bias, ``Var[z] = Var[y] / s^2``); the first training batch
-    (``num_batches_tracked == 0``) sets them exactly, from ``conv(x)``,
-    before they are used.
+    the folded bias, ``Var[z] = Var[y] / s^2``). The first forward with
+    ``calibrate`` (the block in training mode) while
+    ``num_batches_tracked == 0`` sets them exactly, from ``conv(x)``, before
+    they are used -- also when ``norm`` itself is frozen in eval mode
+    (``replaced_norm_eval=True``: calibrated once, then fixed).
     """
     update = norm.training and norm.track_running_stats
     calibrated = False
-    if update and int(norm.num_batches_tracked) == 0:
+    if (update or calibrate) and norm.track_running_stats and \
+            int(norm.num_batches_tracked) == 0:
         with torch.no_grad():
             z = _conv(x, conv, weight, conv_bias)
-            var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=True)
+            mean, var = channel_stats(z)
             norm.running_mean.copy_(mean)
             norm.running_var.copy_(var)
             del z
@@ -233,12 +244,13 @@ def fused_conv_bn(x, conv, norm, weight, conv_bias, gamma, beta):
         shift = shift + conv_bias * scale
     w = weight * scale.reshape((-1, ) + (1, ) * (weight.dim() - 1))
     y = _conv(x, conv, w, shift)
+    if calibrated and not update:
+        norm.num_batches_tracked.add_(1)
     if update:
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
             if not calibrated:
-                var_y, mean_y = torch.var_mean(
-                    y, dim=(0, 2, 3), unbiased=True)
+                mean_y, var_y = channel_stats(y)
                 s, t = scale.detach(), shift.detach()
                 ok = s.abs() > 1e-12
                 safe = torch.where(ok, s, torch.ones_like(s))
@@ -255,6 +267,19 @@ def fused_conv_bn(x, conv, norm, weight, conv_bias, gamma, beta):
                 norm.running_mean.lerp_(batch_mean, momentum)
                 norm.running_var.lerp_(batch_var, momentum)
     return y
+
+
+def channel_stats(y):
+    """Per-channel mean and unbiased variance of an ``N x C x ...`` tensor
+    (what BN tracks), with BN's own statistics kernel: about 3x faster on
+    the CPU than ``torch.var_mean`` over ``(0, 2, 3)``."""
+    n = y.numel() // y.shape[1]
+    if hasattr(torch, 'batch_norm_update_stats'):
+        mean, var = torch.batch_norm_update_stats(y, None, None, 0.)
+    else:  # pragma: no cover
+        var, mean = torch.var_mean(
+            y, dim=[0] + list(range(2, y.dim())), unbiased=False)
+    return mean, var * (n / max(n - 1, 1))
 
 
 def _vit_forward(block, tensors, x):

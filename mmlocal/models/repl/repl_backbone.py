@@ -46,6 +46,18 @@ class RepLBackbone(BaseModule):
     public (METHODS.md §4.2); every choice made here is documented in
     ``docs/methods/repl.md``. In short:
 
+    - **Which operator** (``layer``). ``'full'``: ``f_k`` is the block's
+      stock forward with every parameter synthesised (same activations and
+      FLOPs as the block: saves parameters, gradients and optimizer state
+      only). ``'light'`` (default): a light operator built from synthesised
+      tensors only (:mod:`mmlocal.models.repl.light`): a ResNet Bottleneck
+      skips its 3x3 conv and folds its norms (running statistics, tracked
+      from the batch) into the convs,
+      ``h_k = ReLU(h_{k-1} + W^_3 * ReLU(W^_1 * h_{k-1} + b^_1) + b^_3)``;
+      a BasicBlock skips ``conv1``; a ViT layer keeps only its MLP branch,
+      ``h_k = h_{k-1} + FFN_k(LN2_k(h_{k-1}))``. Skipped layers have no
+      parameters and fold to identity layers of the stock block.
+
     - **Which blocks.** ``interval=n`` replaces, inside every stage (ResNet
       stage, CSP layer, the transformer layers), the blocks at positions
       ``n-1, 2n-1, ...``; ``blocks=[...]`` lists unit indices explicitly
@@ -85,6 +97,11 @@ class RepLBackbone(BaseModule):
             ``dict(type='mmlocal.RepLScalarMix')`` (v1). An unscoped type is
             looked up in mmlocal.
         fusion (str | None): ``'mirror'`` (default) or None, see above.
+        layer (str): ``'light'`` (default) or ``'full'``, see above.
+            ``'light'`` supports mmdet/mmseg ``BasicBlock``/``Bottleneck``
+            (plain convs, BatchNorm, no plugins/DCN) and mmseg
+            ``TransformerEncoderLayer``; other blocks raise ``ValueError``
+            (use ``'full'``).
         replaced_norm_eval (bool): Keep the replaced blocks' BN layers in
             eval mode when the backbone's ``norm_eval`` puts them there.
             Default False (they track their own statistics).
