@@ -4,6 +4,10 @@
 _base_ = './infopro_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
 
 model = dict(
+    # memory-balanced for this family's aux (copies of later blocks) by
+    # tools/analysis/plan_split.py (2x3x256x512); InfoPro's [12] made module 0
+    # the peak
+    split_points=[11],
     aux=dict(
         _delete_=True,
         type='mmlocal.AugLocalAux',
