@@ -27,6 +27,7 @@ import traceback
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import benchmark_memory as bm  # noqa: E402
+from demo_map import named_runs  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
@@ -163,12 +164,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = []
-    for item in args.runs:
-        name, sep, path = item.partition('=')
-        if not sep or not name or not path:
-            raise SystemExit(f'{item!r}: give runs as NAME=CONFIG')
-        runs.append((name, path))
+    runs = named_runs(args.runs)
 
     def save(report):
         if args.json:

@@ -106,6 +106,18 @@ def format_map_table(rows):
     return '\n'.join(lines)
 
 
+def named_runs(items):
+    """``['a=x.py', 'b=y.py']`` -> ``[('a', 'x.py'), ('b', 'y.py')]``
+    (the command lines of the comparison tools); exits naming a bad item."""
+    runs = []
+    for item in items:
+        name, sep, config = item.partition('=')
+        if not sep or not name or not config:
+            raise SystemExit(f'{item!r}: give runs as NAME=CONFIG')
+        runs.append((name, config))
+    return runs
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='bbox mAP of several configs on the demo data after '
@@ -128,12 +140,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    runs = []
-    for item in args.runs:
-        name, sep, config = item.partition('=')
-        if not sep or not name or not config:
-            raise SystemExit(f'{item!r}: give runs as NAME=CONFIG')
-        runs.append((name, config))
+    runs = named_runs(args.runs)
     rows = []
     for name, config in runs:
         print(f'[demo_map] {name}: {config} ({args.iters} iterations) ...',
