@@ -175,3 +175,15 @@ def gn_fcn_learner_cfg():
                     recon=dict(channels=16, norm_cfg=gn))
     return dict(type='mmlocal.LocalLearner', model=model, num_modules=2,
                 aux=aux)
+
+
+def cpu_bf16_amp_wrapper(monkeypatch, params):
+    """mmengine's AmpOptimWrapper (bf16) on the CPU: it insists on CUDA, so
+    the check is patched; the GradScaler disables itself (its warning is
+    expected)."""
+    import pytest
+    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp_mod
+    monkeypatch.setattr(amp_mod, 'is_cuda_available', lambda: True)
+    with pytest.warns(UserWarning):
+        return amp_mod.AmpOptimWrapper(
+            optimizer=torch.optim.SGD(params, lr=0.01), dtype='bfloat16')

@@ -18,6 +18,7 @@ from conftest import REPO
 from local_utils import (TINY_FCN, TINY_RETINANET, det_batch, seg_batch,
                          small_aux)
 from mmlocal.registry import MODELS
+from test_repl import randomize
 
 TOOL = 'tools/deploy.py'
 
@@ -68,19 +69,6 @@ def seg_config():
         custom_hooks=[dict(type='mmlocal.PeakMemoryHook', interval=1)])
 
 
-def _randomize(model, seed=1):
-    """Non-trivial transforms and BN statistics (folding must carry them)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'replacements.' in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-
-
 def train_and_save(tmp_path, cfg_dict, batch):
     """Build the training model of a config, train one step, save an
     mmengine-style checkpoint (optimizer, message hub, numpy meta)."""
@@ -95,7 +83,7 @@ def train_and_save(tmp_path, cfg_dict, batch):
     ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.01,
                                       momentum=0.9))
     learner.train_step(batch, ow)
-    _randomize(learner)
+    randomize(learner)
     hub = MessageHub.get_instance('test_deploy_hub')
     hub.update_scalar('train/loss', 1.0)
     ckpt = dict(
@@ -245,7 +233,7 @@ def test_deploy_plain_and_mismatched_checkpoints(tmp_path):
     with DefaultScope.overwrite_default_scope('mmdet'):
         torch.manual_seed(0)
         net = MODELS.build(ConfigDict(copy.deepcopy(model)))
-    _randomize(net)
+    randomize(net)
     ckpt_path = tmp_path / 'repl.pth'
     torch.save(dict(meta=dict(), state_dict=net.state_dict()), ckpt_path)
     deployer = tool()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from local_utils import (TINY_FCN, KeepGradsOptimWrapper, det_batch, grads,
-                         seg_batch, small_aux)
+                         cpu_bf16_amp_wrapper, seg_batch, small_aux)
 from test_local_learner import build, module_params
 
 
@@ -162,13 +162,8 @@ def test_gradient_accumulation_scales_cascade_losses():
 
 
 def test_amp_on_cpu_bf16(monkeypatch):
-    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp_mod
-    monkeypatch.setattr(amp_mod, 'is_cuda_available', lambda: True)
     learner = build(num_modules=3, aux=cascade_aux(patch_grid=2))
-    with pytest.warns(UserWarning):  # GradScaler disables itself on CPU
-        ow = amp_mod.AmpOptimWrapper(
-            optimizer=torch.optim.SGD(learner.parameters(), lr=0.01),
-            dtype='bfloat16')
+    ow = cpu_bf16_amp_wrapper(monkeypatch, learner.parameters())
     out = learner.train_step(det_batch(), ow)
     assert all(torch.isfinite(torch.as_tensor(v)).all()
                for v in out.values())

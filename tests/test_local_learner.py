@@ -8,6 +8,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 
 from local_utils import (TINY_FCN, TINY_RETINANET, TINY_YOLOX,
+                         cpu_bf16_amp_wrapper,
                          KeepGradsOptimWrapper, det_batch, grads, seg_batch,
                          small_aux)
 from mmlocal.registry import MODELS
@@ -218,13 +219,8 @@ def test_step_updates_every_module_once():
 
 
 def test_amp_on_cpu_bf16(monkeypatch):
-    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp_mod
-    monkeypatch.setattr(amp_mod, 'is_cuda_available', lambda: True)
     learner = build(num_modules=2)
-    with pytest.warns(UserWarning):  # GradScaler disables itself on CPU
-        ow = amp_mod.AmpOptimWrapper(
-            optimizer=torch.optim.SGD(learner.parameters(), lr=0.01),
-            dtype='bfloat16')
+    ow = cpu_bf16_amp_wrapper(monkeypatch, learner.parameters())
     out = learner.train_step(det_batch(), ow)
     assert all(torch.isfinite(torch.as_tensor(v)).all()
                for v in out.values())
