@@ -58,6 +58,7 @@ from benchmark_memory import (  # noqa: E402
     _loss_value,
     _static_bytes,
     _sync,
+    build_train_model,
     default_input_shape,
     default_scope,
     detect_task,
@@ -134,15 +135,14 @@ def count_flops(cfg, input_shape, blocks=(), seed=0):
     ``torch.utils.flop_counter``) and the part spent inside the backbone
     modules named in ``blocks`` (attribute paths in the inner backbone)."""
     from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.registry import init_default_scope
     from torch.utils.flop_counter import FlopCounterMode
     plain = plain_model_cfg(cfg)
     task = detect_task(cfg, plain)
     num_classes = find_num_classes(plain, task)
     init_default_scope(default_scope(cfg, task))
     torch.manual_seed(seed)
-    model = MODELS.build(mode_model_cfg(cfg, 'e2e'))
-    model.train()
+    model = build_train_model(mode_model_cfg(cfg, 'e2e'))
     optim_cfg = cfg.get('optim_wrapper', None) or FALLBACK_OPTIM_WRAPPER
     optim_wrapper = build_optim_wrapper(model, copy.deepcopy(optim_cfg))
     # one step first: the light layer calibrates its statistics once
@@ -216,15 +216,14 @@ def measure(cfg, local, input_shape, iters=2, warmup=1, device='cpu', seed=0):
     anything.
     """
     from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.registry import init_default_scope
     plain = plain_model_cfg(cfg)
     task = detect_task(cfg, plain)
     num_classes = find_num_classes(plain, task)
     init_default_scope(default_scope(cfg, task))
     torch.manual_seed(seed)
-    model = MODELS.build(mode_model_cfg(cfg, 'local' if local else 'e2e'))
-    model.to(device)
-    model.train()
+    model = build_train_model(
+        mode_model_cfg(cfg, 'local' if local else 'e2e'), device)
     optim_cfg = cfg.get('optim_wrapper', None) or FALLBACK_OPTIM_WRAPPER
     optim_wrapper = build_optim_wrapper(model, copy.deepcopy(optim_cfg))
     batches = [
