@@ -14,14 +14,14 @@ Modes:
 - ``local``: ``cfg.model`` as configured, when it is a ``LocalLearner``
   (otherwise reported as unavailable).
 
-Memory is the peak of live tensor bytes during the measured iterations above
-the level before them (:class:`mmlocal.utils.memory.PeakMemoryMeter`: the
+Memory is the peak of live tensor bytes during one measured iteration above
+the level before it (:class:`mmlocal.utils.memory.PeakMemoryMeter`: the
 CUDA allocator's statistics on a GPU, the profiler's allocation events on the
 CPU). Model and optimizer are built and ``--warmup`` iterations run first, so
 parameters and optimizer state are *not* part of the peak; they are reported
 separately as ``static``. If the model has a ``phase_callback`` attribute
-(local learning), it is set to ``meter.mark`` during the measured iterations
-and the per-module peaks are reported; ``rest`` is what follows the model's
+(local learning), it is set to ``meter.mark`` during that iteration and the
+per-module peaks are reported; ``rest`` is what follows the model's
 last mark (optimizer step, ``zero_grad``).
 
 Examples::
@@ -33,8 +33,12 @@ Examples::
     python tools/analysis/benchmark_memory.py configs/local/...py \\
         --modes e2e local checkpoint
 
-On the CPU the iteration times are measured inside the profiler the memory
-meter uses (a few per cent slower than without it; the same for every mode).
+Time is the median of ``--iters`` iterations run before the measured one,
+without the meter: on CUDA its phase marks synchronise the device (which
+would penalise local learning's K phases), on the CPU its profiler slows
+every op. With ``nan_guard`` on (the default), a LocalLearner synchronises
+once per module to check its loss; ``--cfg-options model.nan_guard=None``
+measures without it.
 """
 import argparse
 import copy
@@ -469,7 +473,7 @@ def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
     # one batch per iteration, all made before measuring (same content)
     batches = [
         make_random_batch(input_shape, task, num_classes, seed=seed)
-        for _ in range(warmup + iters)
+        for _ in range(warmup + iters + 1)
     ]
     has_phases = hasattr(model, 'phase_callback')
     if has_phases:
@@ -481,20 +485,26 @@ def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
     gc.collect()
     result.update(_static_bytes(model, optim_wrapper))
 
-    meter = PeakMemoryMeter(device)
+    # timed iterations: no meter, no phase marks (on CUDA every mark is a
+    # device synchronisation, on the CPU the profiler slows every op)
     times = []
+    for _ in range(iters):
+        batch = batches.pop(0)
+        _sync(device)
+        start = time.perf_counter()
+        log_vars = model.train_step(batch, optim_wrapper)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    del batch
+    # then one more iteration under the meter, with the per-phase peaks
+    meter = PeakMemoryMeter(device)
     try:
         with meter:
             if has_phases:
                 model.phase_callback = meter.mark
-            for batch in batches:
-                _sync(device)
-                start = time.perf_counter()
-                log_vars = model.train_step(batch, optim_wrapper)
-                _sync(device)
-                times.append(time.perf_counter() - start)
-                if has_phases:
-                    meter.mark(REST_PHASE)
+            log_vars = model.train_step(batches.pop(0), optim_wrapper)
+            if has_phases:
+                meter.mark(REST_PHASE)
     finally:
         if has_phases:
             model.phase_callback = None
@@ -533,8 +543,8 @@ def run_benchmark(cfg, modes=MODES, input_shape=None, iters=3, warmup=1,
         input_shape (tuple, optional): ``(N, C, H, W)``; defaults to
             ``2x3x800x1333`` for detection and ``2x3x<crop size>`` for
             segmentation.
-        iters (int): Measured iterations (median time, peak memory over
-            all of them).
+        iters (int): Timed iterations (median time); the peak memory is
+            measured on one more iteration.
         warmup (int): Unmeasured iterations before (create optimizer state).
         device (str, optional): ``'cpu'`` or ``'cuda'``; CUDA if available.
 
@@ -739,7 +749,7 @@ def parse_args(argv=None):
         help='N C H W of the random batch (default 2 3 800 1333 for '
         'detection, 2 3 <crop size> for segmentation)')
     parser.add_argument('--iters', type=int, default=3,
-                        help='measured iterations')
+                        help='timed iterations (then one for memory)')
     parser.add_argument('--warmup', type=int, default=1,
                         help='iterations before measuring')
     parser.add_argument('--seed', type=int, default=0)
