@@ -4,6 +4,10 @@
 _base_ = './infopro_retinanet_r50_fpn_k4_8xb2-1x_coco.py'
 
 model = dict(
+    # memory-balanced for MLAAN's leap aux nets (plan_split.py at
+    # 1x3x800x1333: largest module 902 MiB vs 1.01 GiB at InfoPro's
+    # [4, 8, 15], where module 2 was the step's peak on a GPU)
+    split_points=[5, 6, 15],
     aux=dict(
         _delete_=True,
         type='mmlocal.MLAANAux',
