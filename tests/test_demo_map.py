@@ -40,3 +40,17 @@ def test_demo_map_bad_input(tmp_path):
     proc = run_tool(['tools/analysis/demo_map.py', 'x=missing.py',
                      '--work-dir', str(tmp_path)], check=False)
     assert proc.returncode != 0 and "'missing.py'" in proc.stderr
+
+
+def test_demo_map_no_detection_is_zero_map(demo_data_root, tmp_path):
+    """A model that detects nothing (score threshold above any sigmoid)
+    gets 0 mAP in the table instead of failing the whole comparison."""
+    cfg = tmp_path / 'never_detects.py'
+    cfg.write_text(f"_base_ = {DET_CFG!r}\n"
+                   "model = dict(test_cfg=dict(score_thr=1.0))\n")
+    out = tmp_path / 'rows.json'
+    run_tool(['tools/analysis/demo_map.py', f'blind={cfg}', '--iters', '1',
+              '--threads', '1', '--data-root', demo_data_root,
+              '--work-dir', str(tmp_path), '--json', str(out)])
+    row, = json.loads(out.read_text())
+    assert row['bbox_mAP'] == 0.0 and row['bbox_mAP_50'] == 0.0

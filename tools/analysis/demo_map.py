@@ -34,6 +34,16 @@ def _scalars(work_dir):
     return lines
 
 
+def _no_detections(work_dir):
+    """Whether the newest run in ``work_dir`` validated with no detection
+    at all (mmdet's CocoMetric then logs an error and no metric)."""
+    logs = sorted(glob.glob(osp.join(work_dir, '*', '*.log')))
+    if not logs:
+        return False
+    with open(logs[-1]) as f:
+        return 'testing results of the whole dataset is empty' in f.read()
+
+
 def demo_map(name, config, iters, work_dir, data_root, threads=None, seed=0,
              resume=False):
     """Train ``config`` on the demo data for ``iters`` iterations and return
@@ -58,7 +68,12 @@ def demo_map(name, config, iters, work_dir, data_root, threads=None, seed=0,
         # on the config's log_processor, hence the checkpoint check)
         if not osp.isfile(osp.join(out, f'iter_{iters}.pth')):
             return []
-        return [s for s in _scalars(out) if 'coco/bbox_mAP' in s]
+        metrics = [s for s in _scalars(out) if 'coco/bbox_mAP' in s]
+        if not metrics and _no_detections(out):
+            # CocoMetric logs no metric when nothing scored above the
+            # threshold (e.g. a few iterations from scratch): that is 0 mAP
+            metrics = [{'coco/bbox_mAP': 0.0, 'coco/bbox_mAP_50': 0.0}]
+        return metrics
 
     start = time.time()
     if not (resume and final()):
