@@ -14,7 +14,8 @@ def test_families_table(tmp_path):
     proc = run_tool(['tools/analysis/benchmark_local_methods.py',
                      f'infopro={BASE}', f'k1={k1}',
                      '--input-shape', '2', '3', '256', '256', '--iters', '1',
-                     '--device', 'cpu', '--json', str(out)],
+                     '--device', 'cpu', '--threads', '1', '--json',
+                     str(out)],
                     env=dict(OMP_NUM_THREADS='1'))
     report = json.loads(out.read_text())
     e2e = report['e2e']
@@ -29,6 +30,10 @@ def test_families_table(tmp_path):
     assert local['params_trainable'] > e2e[0]['params_trainable']
     assert set(local['phases']) >= {'module0', 'module1'}
     assert '| infopro | K=2 |' in proc.stdout and '| k1 | K=1 |' in proc.stdout
+    # on the CPU: process CPU time beside wall time, with its own ratio
+    assert report['threads'] == 1
+    assert all(r['cpu_time_s'] > 0 for r in e2e + list(fam.values()))
+    assert 'CPU time/iter' in proc.stdout
 
 
 def test_refuses_different_models(tmp_path):

@@ -84,6 +84,7 @@ def run(runs, input_shape=None, iters=1, warmup=1, device=None, seed=0,
 
     report = dict(input_shape=list(input_shape), task=task, device=device,
                   iters=iters, warmup=warmup, torch=torch.__version__,
+                  threads=torch.get_num_threads(),
                   reference=reference if reference in cfgs else None,
                   e2e=[measure(first, 'e2e', 'e2e')], families={})
     for name, cfg in cfgs.items():
@@ -111,18 +112,33 @@ def format_table(report):
     ref = report['families'].get(report['reference'] or '')
     shape = 'x'.join(map(str, report['input_shape']))
     e2e_times = ' / '.join('%.2f s' % r['time_s'] for r in e2e)
+    cpu = report['device'] == 'cpu' and all(
+        'cpu_time_s' in r for r in e2e)
+    e2e_cpu = statistics.mean(r['cpu_time_s'] for r in e2e) if cpu else None
     lines = [
         f"input {shape}, {report['device']}, {report['iters']} timed "
         f"iteration(s) after {report['warmup']} warm-up; e2e time "
         f'{e2e_times} (first / last run, ratios use the mean)',
         '',
         '| family | split | peak | vs e2e | vs ' +
-        (report['reference'] or '-') + ' | time/iter | vs e2e | trainable '
-        'params | largest phase |',
-        '|---|---|---:|---:|---:|---:|---:|---:|---|'
+        (report['reference'] or '-') + ' | time/iter | vs e2e | ' +
+        ('CPU time/iter | vs e2e | ' if cpu else '') +
+        'trainable params | largest phase |',
+        '|---|---|---:|---:|---:|---:|---:|' + ('---:|---:|' if cpu else '') +
+        '---:|---|'
     ]
+    if cpu:
+        lines[0] += (f'; CPU time (this process, {report.get("threads")} '
+                     'thread(s)) is the robust figure on a shared machine')
+
+    def cpu_cols(r):
+        if not cpu:
+            return ''
+        return f"{r['cpu_time_s']:.2f} s | {r['cpu_time_s'] / e2e_cpu:.2f}x | "
+
     lines.append(f"| e2e | - | {format_bytes(e2e_peak)} | 1.00x | - | "
-                 f'{e2e_time:.2f} s | 1.00x | '
+                 f'{e2e_time:.2f} s | 1.00x | ' +
+                 (f'{e2e_cpu:.2f} s | 1.00x | ' if cpu else '') +
                  f"{e2e[0]['params_trainable'] / 1e6:.2f}M | - |")
     for name, r in report['families'].items():
         if 'error' in r:
@@ -136,7 +152,8 @@ def format_table(report):
         lines.append(
             f"| {name} | {r['split']} | {format_bytes(r['peak_bytes'])} | "
             f"{r['peak_bytes'] / e2e_peak:.2f}x | {vs_ref} | "
-            f"{r['time_s']:.2f} s | {r['time_s'] / e2e_time:.2f}x | "
+            f"{r['time_s']:.2f} s | {r['time_s'] / e2e_time:.2f}x | " +
+            cpu_cols(r) +
             f"{r['params_trainable'] / 1e6:.2f}M | {largest} |")
     return '\n'.join(lines)
 
@@ -154,6 +171,9 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', choices=['cpu', 'cuda'])
+    parser.add_argument('--threads', type=int,
+                        help='intra-op threads (torch.set_num_threads); 1 '
+                        'makes CPU time comparable between runs')
     parser.add_argument('--reference', default='infopro',
                         help='family the "vs" column compares with')
     parser.add_argument('--json', help='write the report here')
@@ -171,6 +191,8 @@ def main(argv=None):
             with open(args.json, 'w') as f:
                 json.dump(report, f, indent=1, default=str)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(runs, args.input_shape, args.iters, args.warmup,
                  args.device, args.seed, args.cfg_options, args.reference,
                  on_result=save)

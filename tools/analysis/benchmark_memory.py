@@ -442,7 +442,8 @@ def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
              task=None, num_classes=None, seed=0):
     """Build one mode's model and optimizer, warm up, measure.
 
-    Returns a dict with ``peak_bytes``, ``time_s`` (median), ``times_s``,
+    Returns a dict with ``peak_bytes``, ``time_s`` (median wall time),
+    ``times_s``, ``cpu_time_s`` (median process CPU time),
     ``params_total``, ``params_trainable``, ``param_bytes``,
     ``optim_state_bytes``, ``phases``, ``end_bytes``, ``loss``, ``method``.
     Raises :class:`ModeUnavailable` when the mode does not apply.
@@ -487,14 +488,15 @@ def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
 
     # timed iterations: no meter, no phase marks (on CUDA every mark is a
     # device synchronisation, on the CPU the profiler slows every op)
-    times = []
+    times, cpu_times = [], []
     for _ in range(iters):
         batch = batches.pop(0)
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         log_vars = model.train_step(batch, optim_wrapper)
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     del batch
     # then one more iteration under the meter, with the per-phase peaks
     meter = PeakMemoryMeter(device)
@@ -517,6 +519,9 @@ def run_mode(cfg, mode, input_shape, iters=3, warmup=1, device='cpu',
         end_bytes=int(meter.end_bytes),
         time_s=statistics.median(times),
         times_s=times,
+        # CPU time of this process (all its threads): on a shared CPU the
+        # robust figure (other jobs stretch wall time, not our CPU time)
+        cpu_time_s=statistics.median(cpu_times),
         phases=phases,
         loss=_loss_value(log_vars),
         method=meter.method)
