@@ -5,6 +5,9 @@
 _base_ = './infopro_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py'
 
 model = dict(
+    # memory-balanced for HPFF's 2-module windows with PFF (plan_split.py at
+    # 1x3x800x1333: estimated step peak 1.07 GiB at [6, 9, 12], 919 MiB here)
+    split_points=[5, 6, 12],
     aux=dict(
         _delete_=True,
         type='mmlocal.HPFFAux',

@@ -5,6 +5,8 @@
 _base_ = './infopro_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py'
 
 model = dict(
+    # MAN's memory-balanced points (plan_split.py; the scale s adds no memory)
+    split_points=[4, 7, 14],
     aux=dict(
         _delete_=True,
         type='mmlocal.MomentumAux',
