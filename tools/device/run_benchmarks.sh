@@ -6,6 +6,8 @@
 #   bash tools/device/run_benchmarks.sh          # on the GPU machine (after prepare_stack.sh)
 #   LOCAL=1 bash tools/device/run_benchmarks.sh  # CPU dry run, tiny settings
 #   STEPS=AC DEMO_NAMES="hpff mlaan" bash ...    # only some steps / demo runs
+#   FAMILY_OPTS="--cfg-options model.nan_guard=None" STEPS=AB bash ...
+#                                   # family tables without the NaN guard's syncs
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/devout}
@@ -64,7 +66,7 @@ timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
     hpff=$C/hpff_retinanet_r50_fpn_k4_8xb2-1x_coco.py hpff-nopff=$H \
     auglocal=$C/auglocal_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
     dgl=$C/dgl_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
-    $DET --json "$OUT/families_retinanet.json" > "$L/families_retinanet.log" 2>&1
+    $DET ${FAMILY_OPTS:-} --json "$OUT/families_retinanet.json" > "$L/families_retinanet.log" 2>&1
 tail -n 16 "$L/families_retinanet.log"
 
 fi
@@ -78,7 +80,7 @@ timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
     hpff=$C/hpff_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py hpff-nopff=$H2 \
     auglocal=$C/auglocal_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
     dgl=$C/dgl_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
-    $SEG --json "$OUT/families_deeplabv3.json" > "$L/families_deeplabv3.log" 2>&1
+    $SEG ${FAMILY_OPTS:-} --json "$OUT/families_deeplabv3.json" > "$L/families_deeplabv3.log" 2>&1
 tail -n 16 "$L/families_deeplabv3.log"
 
 fi
