@@ -260,5 +260,7 @@ class AugLocalAux(BaseLocalAux):
         super().init_weights()
         reset_parameters(self.stack)
 
+    transform_segments = True  # one checkpoint segment per block
+
     def transform(self, h):
-        return self.stack(h)
+        return self.run_stack(self.stack, h)

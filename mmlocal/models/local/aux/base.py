@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
+from torch.utils.checkpoint import checkpoint
 
 from mmlocal.registry import MODELS
 
@@ -82,6 +83,16 @@ class BaseLocalAux(BaseModule):
         det_head (dict, optional): Overrides for :class:`DetAuxHead`.
         seg_head (dict, optional): Overrides for :class:`SegAuxHead`.
         recon (dict, optional): Overrides for :class:`ReconDecoder`.
+        with_cp (bool): Activation checkpointing *inside* the aux net: the
+            transform (each of its blocks where it is a stack), the task
+            head and the decoder are separate segments that keep only their
+            inputs and are recomputed one at a time during the local
+            backward, so module k's step holds its own activations plus the
+            largest segment instead of the whole aux net. Same losses and
+            gradients; one extra aux forward per step. (BN layers inside a
+            segment see the batch twice: their running statistics, which
+            the aux net never uses for training, move twice.)
+            Default False.
     """
 
     def __init__(self,
@@ -91,10 +102,14 @@ class BaseLocalAux(BaseModule):
                  det_head=None,
                  seg_head=None,
                  recon=None,
+                 with_cp=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if module_info.task not in ('det', 'seg'):
             raise ValueError(f'unknown task {module_info.task!r}')
+        if not isinstance(with_cp, bool):
+            raise ValueError(f'with_cp={with_cp!r} must be True or False')
+        self.with_cp = with_cp
         self.index = module_info.index
         self.num_modules = module_info.num_modules
         self.task = module_info.task
@@ -142,6 +157,28 @@ class BaseLocalAux(BaseModule):
         return h
 
     # -- shared ------------------------------------------------------------
+    def segment(self, fn, *args):
+        """``fn(*args)``, as a checkpointed segment when ``with_cp`` and a
+        gradient will flow through it."""
+        if self.with_cp and torch.is_grad_enabled() and any(
+                torch.is_tensor(a) and a.requires_grad for a in args):
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    #: families whose ``transform`` makes its own segments (a stack of
+    #: blocks: one segment each) set this
+    transform_segments = False
+
+    def _transform_segments(self):
+        return self.transform_segments or \
+            type(self).transform is BaseLocalAux.transform  # identity
+
+    def run_stack(self, stack, x):
+        """``stack(x)`` for an ``nn.Sequential``, one segment per layer."""
+        for layer in stack:
+            x = self.segment(layer, x)
+        return x
+
     def image01(self, inputs):
         """The input image back in [0, 1] (InfoPro's reconstruction target)."""
         return (inputs * self.img_std + self.img_mean) / 255.0
@@ -157,12 +194,13 @@ class BaseLocalAux(BaseModule):
         Returns:
             dict[str, Tensor]: loss terms; their sum is back-propagated.
         """
-        y = self.transform(h)
+        y = self.transform(h) if self._transform_segments() else \
+            self.segment(self.transform, h)
         losses = {}
-        for name, value in self.task_head.loss(y, inputs,
-                                               data_samples).items():
+        for name, value in self.segment(self.task_head.loss, y, inputs,
+                                        data_samples).items():
             losses[name] = value * self.task_weight
         if self.recon is not None:
-            losses['loss_recon'] = self.recon_weight * self.recon.loss(
-                y, self.image01(inputs))
+            losses['loss_recon'] = self.recon_weight * self.segment(
+                self.recon.loss, y, self.image01(inputs))
         return losses

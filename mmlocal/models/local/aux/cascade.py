@@ -106,7 +106,8 @@ class CascadeLocalAux(InfoProAux):
     # -- the two streams ---------------------------------------------------
     def independent_loss(self, h, inputs, data_samples):
         """Task loss of the light head on module k's own output."""
-        return self.independent_head.loss(h, inputs, data_samples)
+        return self.segment(self.independent_head.loss, h, inputs,
+                            data_samples)
 
     def cascade_loss(self, h, inputs, data_samples):
         """InfoPro-style loss on ``transform(h)`` (``h``: window output)."""

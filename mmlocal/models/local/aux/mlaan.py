@@ -116,7 +116,10 @@ class MLAANAux(MomentumCopyMixin, CascadeLocalAux):
         for module in (self.pre, self.lb, self.ema, self.post):
             reset_parameters(module)
 
+    transform_segments = True  # one checkpoint segment per block
+
     def transform(self, h):
         self._warn_if_not_driven()
-        z = self.pre(h)
-        return self.post(self.lb(z) + self.ema(z))
+        z = self.run_stack(self.pre, h)
+        z = self.segment(self.lb, z) + self.segment(self.ema, z)
+        return self.run_stack(self.post, z)

@@ -91,7 +91,10 @@ class MomentumAux(MomentumCopyMixin, InfoProAux):
                 if hasattr(m, 'reset_parameters') and m is not copy_:
                     m.reset_parameters()
 
+    transform_segments = True  # LB and EMA: one checkpoint segment each
+
     def transform(self, h):
         self._warn_if_not_driven()
         s = self.scale
-        return s * self.lb(h) + (2 - s) * self.ema(h)
+        return s * self.segment(self.lb, h) + \
+            (2 - s) * self.segment(self.ema, h)
