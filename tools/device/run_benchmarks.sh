@@ -55,6 +55,12 @@ printf "_base_ = '%s'\nmodel = dict(aux=dict(patch_grid=1))\n" \
 H2=/tmp/hpff_nopff_deeplabv3.py
 printf "_base_ = '%s'\nmodel = dict(aux=dict(patch_grid=1))\n" \
     "$PWD/$C/hpff_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py" > $H2
+# the same families with activation checkpointing inside the aux nets
+withcp() {  # withcp CONFIG -> path of a copy with model.aux.with_cp=True
+    local out=/tmp/cp_$(basename "$1")
+    printf "_base_ = '%s'\nmodel = dict(aux=dict(with_cp=True))\n" "$PWD/$1" > "$out"
+    echo "$out"
+}
 
 if want A; then
 stamp 'A: RetinaNet K4 families'
@@ -66,6 +72,8 @@ timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
     hpff=$C/hpff_retinanet_r50_fpn_k4_8xb2-1x_coco.py hpff-nopff=$H \
     auglocal=$C/auglocal_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
     dgl=$C/dgl_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
+    man-cp=$(withcp $C/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py) \
+    mlaan-cp=$(withcp $C/mlaan_retinanet_r50_fpn_k4_8xb2-1x_coco.py) \
     $DET ${FAMILY_OPTS:-} --json "$OUT/families_retinanet.json" > "$L/families_retinanet.log" 2>&1
 tail -n 16 "$L/families_retinanet.log"
 
@@ -80,6 +88,8 @@ timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
     hpff=$C/hpff_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py hpff-nopff=$H2 \
     auglocal=$C/auglocal_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
     dgl=$C/dgl_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
+    man-cp=$(withcp $C/man_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py) \
+    mlaan-cp=$(withcp $C/mlaan_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py) \
     $SEG ${FAMILY_OPTS:-} --json "$OUT/families_deeplabv3.json" > "$L/families_deeplabv3.log" 2>&1
 tail -n 16 "$L/families_deeplabv3.log"
 
