@@ -120,6 +120,24 @@ def grads(module):
     }
 
 
+def module_phase_peak(learner, batch, phase='module0'):
+    """Peak of one local-learning phase of a step (CPU meter), after a
+    warm-up step; SGD with lr 0 keeps the weights."""
+    import warnings
+    from mmlocal.utils.memory import PeakMemoryMeter
+    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # EMA copies without their hook
+        learner.train_step(batch, ow)
+        with PeakMemoryMeter('cpu') as meter:
+            learner.phase_callback = meter.mark
+            try:
+                learner.train_step(batch, ow)
+            finally:
+                learner.phase_callback = None
+    return meter.phases[phase]
+
+
 def small_aux(type='mmlocal.InfoProAux', **kwargs):
     """An auxiliary config with narrow heads (fast tests, no dropout)."""
     cfg = dict(

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from local_utils import (TINY_FCN, TINY_RETINANET, KeepGradsOptimWrapper,
-                         det_batch, grads, seg_batch, small_aux)
-from mmlocal.utils.memory import PeakMemoryMeter
+                         det_batch, grads, module_phase_peak, seg_batch,
+                         small_aux)
 from test_local_cascade import cascade_aux
 from test_local_learner import build
 
@@ -58,18 +58,6 @@ def test_same_losses_and_gradients(family, task):
                '.' + n)
 
 
-def _module0_peak(learner, batch):
-    ow = KeepGradsOptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.))
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        learner.train_step(batch, ow)  # warm-up
-        with PeakMemoryMeter('cpu') as meter:
-            learner.phase_callback = meter.mark
-            learner.train_step(batch, ow)
-    learner.phase_callback = None
-    return meter.phases['module0']
-
-
 def test_module_peak_lower():
     """MAN's aux net (LB and EMA block copies, task head, decoder): module
     0's phase peak drops when the aux net is checkpointed (here module 0 is
@@ -82,7 +70,7 @@ def test_module_peak_lower():
     cp = build(TINY_FCN, 'mmseg', num_modules=None, split_points=[2],
                aux=FAMILIES['man'](with_cp=True, **heads))
     cp.load_state_dict(plain.state_dict())
-    a, b = _module0_peak(plain, batch), _module0_peak(cp, batch)
+    a, b = module_phase_peak(plain, batch), module_phase_peak(cp, batch)
     assert b < 0.9 * a, (b, a)
 
 

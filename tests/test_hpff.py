@@ -6,8 +6,7 @@ import torch
 from mmengine.optim import OptimWrapper
 
 from local_utils import (TINY_FCN, KeepGradsOptimWrapper, det_batch, grads,
-                         seg_batch)
-from mmlocal.utils.memory import PeakMemoryMeter
+                         module_phase_peak, seg_batch)
 from test_local_cascade import (_assert_close, _step, cascade_aux,
                                 cascade_reference_grads)
 from test_local_learner import build, module_params
@@ -135,14 +134,7 @@ def _aux_step_peak(patch_grid):
                seg_head=dict(channels=128, head=dict(dropout_ratio=0.0)),
                recon=dict(channels=128, out_stride=1))
     learner = build(TINY_FCN, 'mmseg', num_modules=2, aux=aux)
-    batch = seg_batch(n=2, size=64)
-    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=1e-3))
-    learner.train_step(batch, ow)  # warm-up
-    with PeakMemoryMeter('cpu') as meter:
-        learner.phase_callback = meter.mark
-        learner.train_step(batch, ow)
-    learner.phase_callback = None
-    return meter.phases['module0']
+    return module_phase_peak(learner, seg_batch(n=2, size=64))
 
 
 def test_pff_lowers_the_aux_step_peak():
