@@ -90,6 +90,17 @@ def test_man_ema_copies_identical_across_ranks(worker_states):
     assert moved >= len(ema) // 2
 
 
+def test_aux_checkpointing_under_the_wrapper(worker_states):
+    """MAN with ``with_cp=True`` under LocalDistributedDataParallel: ranks
+    identical, equal to one process, and to MAN without checkpointing
+    (GroupNorm: no statistics that the recomputation could move twice)."""
+    r0, _ = _assert_ranks_equal_single(worker_states, '_man_cp')
+    plain = worker_states('rank0', '_man')
+    assert r0.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(r0[key], plain[key], msg=key)
+
+
 def test_amp_and_clipping_ranks_identical(worker_states):
     """AmpOptimWrapper (bf16 autocast on the CPU) with clip_grad: ranks
     identical; close to one process (bf16 rounding differs with the batch

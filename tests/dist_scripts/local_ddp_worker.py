@@ -10,7 +10,9 @@ and saves their state dicts to OUT/<tag><suffix>.pt (tag ``rank0``,
 - ``'_man'``: MAN aux (``mmlocal.MomentumAux``), its EMA copies driven by
   ``mmlocal.MomentumAuxHook`` exactly as the Runner calls it;
 - ``'_amp'``: InfoPro aux, ``AmpOptimWrapper`` (bfloat16 autocast on the
-  CPU) with ``clip_grad``.
+  CPU) with ``clip_grad``;
+- ``'_man_cp'``: ``'_man'`` with ``with_cp=True`` (checkpointing inside
+  the aux nets).
 """
 import os
 import sys
@@ -36,7 +38,7 @@ LR = 0.5  # parameters move by ~1e-3: far above the 1e-5 tolerance
 MAX_NORM = 0.3  # the averaged gradient norm is ~0.35 at the first step
 
 
-def build(aux_type=None):
+def build(aux_type=None, **aux_options):
     cfg = gn_fcn_learner_cfg()
     # zero-initialised residual norms would keep every block's convs (and
     # so the MAN source block) at their initial value for the first steps
@@ -44,6 +46,7 @@ def build(aux_type=None):
     if aux_type is not None:
         cfg['aux']['type'] = aux_type
         cfg['aux']['momentum'] = 0.9  # the EMA moves visibly in 2 steps
+    cfg['aux'].update(aux_options)
     torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope('mmseg'):
         model = MODELS.build(ConfigDict(cfg))
@@ -102,6 +105,8 @@ def main(out_dir):
         '_man': dict(model=build('mmlocal.MomentumAux'),
                      hook=MomentumAuxHook()),
         '_amp': dict(model=build(), amp=True),
+        '_man_cp': dict(model=build('mmlocal.MomentumAux', with_cp=True),
+                        hook=MomentumAuxHook()),
     }
     for suffix, kwargs in runs.items():
         state = train(rank=rank, world=world, distributed=distributed,
