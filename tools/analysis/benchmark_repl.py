@@ -58,6 +58,7 @@ from benchmark_memory import (  # noqa: E402
     _loss_value,
     _static_bytes,
     _sync,
+    _walk,
     build_train_model,
     default_input_shape,
     default_scope,
@@ -79,17 +80,11 @@ def set_layer(cfg, layer):
         return cfg
     cfg = copy.deepcopy(cfg)
 
-    def walk(node):
-        if isinstance(node, dict):
-            if str(node.get('type', '')).endswith('RepLBackbone'):
-                node['layer'] = layer
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
+    def set_in(node):
+        if str(node.get('type', '')).endswith('RepLBackbone'):
+            node['layer'] = layer
 
-    walk(cfg.model)
+    _walk(cfg.model, set_in)
     return cfg
 
 
