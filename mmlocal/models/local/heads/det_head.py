@@ -4,6 +4,7 @@ from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule, ModuleList, Sequential
 
 from mmlocal.registry import MODELS
+from .anchor_targets import anchor_targets, unsupported_reason
 
 # RetinaNet's assignment, as MAN++'s COCO auxiliary head uses it.
 _DEFAULT_TRAIN_CFG = dict(
@@ -46,6 +47,11 @@ class DetAuxHead(BaseModule):
             filled in. Default: ``mmdet.RetinaHead`` with 2 stacked convs.
         train_cfg (dict): Assigner/sampler config of the head.
         norm_cfg (dict): Norm of the projection convs. Default BN.
+        batched_targets (bool): Compute the anchor targets of all images at
+            once (:mod:`.anchor_targets`: same targets as mmdet's per-image
+            ``get_targets``, no host synchronisation) when the head allows
+            it (``batched_targets_unsupported`` says why not otherwise).
+            ``False``: always mmdet's ``head.loss``. Default True.
     """
 
     def __init__(self,
@@ -58,6 +64,7 @@ class DetAuxHead(BaseModule):
                  head=None,
                  train_cfg=None,
                  norm_cfg=dict(type='BN'),
+                 batched_targets=True,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if num_levels < 1:
@@ -113,6 +120,9 @@ class DetAuxHead(BaseModule):
         # nested builds (anchors, coder, losses, assigner) run in mmdet scope
         head.setdefault('_scope_', 'mmdet')
         self.head = MODELS.build(head)
+        self.batched_targets_unsupported = unsupported_reason(self.head)
+        self.batched_targets = bool(batched_targets) and \
+            self.batched_targets_unsupported is None
 
     def forward(self, y):
         """Return the pyramid the dense head predicts on."""
@@ -124,9 +134,34 @@ class DetAuxHead(BaseModule):
 
     def loss(self, y, inputs, data_samples):
         """Detection losses of ``y`` against the GT instances."""
-        losses = self.head.loss(self(y), data_samples)
+        if self.batched_targets and not self._uses_ignored(data_samples):
+            losses = self._loss_batched(self(y), data_samples)
+        else:
+            losses = self.head.loss(self(y), data_samples)
         # mmdet returns per-level lists; sum them to one term per kind
         return {
             name: sum(value) if isinstance(value, (list, tuple)) else value
             for name, value in losses.items()
         }
+
+    def _uses_ignored(self, data_samples):
+        """mmdet's assigner uses ignored boxes (``ignore_iof_thr > 0``)."""
+        return self.head.assigner.ignore_iof_thr > 0 and any(
+            'ignored_instances' in s and len(s.ignored_instances)
+            for s in data_samples)
+
+    def _loss_batched(self, feats, data_samples):
+        """``head.loss`` with the targets of :func:`anchor_targets`."""
+        cls_scores, bbox_preds = self.head(feats)
+        gt_instances = [s.gt_instances for s in data_samples]
+        img_metas = [s.metainfo for s in data_samples]
+        *targets, avg_factor = anchor_targets(
+            self.head, [c.shape[-2:] for c in cls_scores], gt_instances,
+            img_metas, cls_scores[0].device)
+        loss_cls, loss_bbox = [], []
+        for level in zip(cls_scores, bbox_preds, *targets):
+            cls, box = self.head.loss_by_feat_single(
+                *level, avg_factor=avg_factor)
+            loss_cls.append(cls)
+            loss_bbox.append(box)
+        return dict(loss_cls=loss_cls, loss_bbox=loss_bbox)

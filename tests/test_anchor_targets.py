@@ -1,0 +1,169 @@
+"""Batched anchor targets of the auxiliary detection head equal mmdet's
+per-image ``get_targets`` and give the same losses and gradients."""
+import pytest
+import torch
+from mmdet.structures import DetDataSample
+from mmengine.registry import init_default_scope
+from mmengine.structures import InstanceData
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmlocal.models.local.heads import DetAuxHead
+from mmlocal.models.local.heads.anchor_targets import (anchor_targets,
+                                                       unsupported_reason)
+
+NUM_CLASSES = 5
+# padded batch 96 x 128; images smaller than the batch leave invalid anchors
+SHAPES = [(96, 128), (80, 100), (64, 128)]
+
+
+def _samples(num_boxes=(4, 0, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for (h, w), n in zip(SHAPES, num_boxes):
+        bw = 6 + torch.rand(n, generator=g) * (w / 2)
+        bh = 6 + torch.rand(n, generator=g) * (h / 2)
+        x1 = torch.rand(n, generator=g) * (w - bw)
+        y1 = torch.rand(n, generator=g) * (h - bh)
+        boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1)
+        if n >= 3:
+            boxes[2] = boxes[1]  # a duplicate box (ties in the IoU argmax)
+        if n >= 4:
+            boxes[3] = torch.tensor([1.0, 1.0, 3.0, 2.5])  # tiny box
+        s = DetDataSample(metainfo=dict(img_shape=(h, w), pad_shape=(h, w),
+                                        batch_input_shape=SHAPES[0],
+                                        scale_factor=(1.0, 1.0)))
+        s.gt_instances = InstanceData(
+            bboxes=boxes,
+            labels=torch.randint(0, NUM_CLASSES, (n, ), generator=g))
+        samples.append(s)
+    return samples
+
+
+def _head(**kwargs):
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    return DetAuxHead(in_channels=8, stride=8, num_classes=NUM_CLASSES,
+                      feat_channels=16, **kwargs)
+
+
+ASSIGNERS = [
+    {},
+    dict(neg_iou_thr=(0.1, 0.4)),
+    dict(gt_max_assign_all=False),
+    dict(match_low_quality=False),
+    dict(min_pos_iou=0.3, pos_iou_thr=0.6),
+]
+
+
+@pytest.mark.parametrize('assigner', ASSIGNERS)
+@pytest.mark.parametrize('num_levels', [1, 3])
+def test_targets_equal_mmdet(assigner, num_levels):
+    train_cfg = dict(
+        assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5,
+                      neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1),
+        sampler=dict(type='PseudoSampler'), allowed_border=-1,
+        pos_weight=-1 if num_levels == 1 else 2.0, debug=False)
+    train_cfg['assigner'].update(assigner)
+    aux = _head(num_levels=num_levels, train_cfg=train_cfg)
+    head = aux.head
+    assert unsupported_reason(head) is None
+    samples = _samples()
+    sizes = [(96 // s, 128 // s) for s in aux.strides]
+    metas = [s.metainfo for s in samples]
+    gts = [s.gt_instances for s in samples]
+
+    anchor_list, valid_list = head.get_anchors(sizes, metas, device='cpu')
+    ref = head.get_targets(anchor_list, valid_list, gts, metas)
+    *ours, avg_factor = anchor_targets(head, sizes, gts, metas, 'cpu')
+    labels, label_w, box_t, box_w = ours[1:]
+    for lvl in range(num_levels):
+        assert torch.equal(labels[lvl], ref[0][lvl])
+        torch.testing.assert_close(label_w[lvl], ref[1][lvl], rtol=0, atol=0)
+        torch.testing.assert_close(box_t[lvl], ref[2][lvl])
+        torch.testing.assert_close(box_w[lvl], ref[3][lvl], rtol=0, atol=0)
+        torch.testing.assert_close(ours[0][lvl][0], anchor_list[0][lvl])
+    assert int(avg_factor) == ref[4]
+    # the low-quality matching really was exercised
+    assert sum(int((lb < NUM_CLASSES).sum()) for lb in labels) > 0
+
+
+def test_loss_and_gradients_equal_mmdet():
+    aux = _head(num_levels=2)
+    assert aux.batched_targets
+    samples = _samples(seed=1)
+    y = torch.randn(3, 8, 12, 16, requires_grad=True)
+    losses = aux.loss(y, None, samples)
+    grads = torch.autograd.grad(sum(losses.values()), [y] + list(
+        aux.parameters()))
+    aux.batched_targets = False
+    y2 = y.detach().clone().requires_grad_()
+    ref = aux.loss(y2, None, samples)
+    ref_grads = torch.autograd.grad(sum(ref.values()), [y2] + list(
+        aux.parameters()))
+    assert set(losses) == set(ref) == {'loss_cls', 'loss_bbox'}
+    for k in ref:
+        assert ref[k] > 0
+        torch.testing.assert_close(losses[k], ref[k])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_no_positive_anchor_gives_zero_box_loss():
+    aux = _head()
+    samples = _samples(num_boxes=(0, 0, 0))
+    losses = aux.loss(torch.randn(3, 8, 12, 16), None, samples)
+    assert torch.isfinite(losses['loss_cls']) and losses['loss_cls'] > 0
+    assert losses['loss_bbox'] == 0
+
+
+class _Syncs(TorchDispatchMode):
+    """Ops that make a CUDA host wait: their count is device independent."""
+    SYNC = ('aten.nonzero', 'aten._local_scalar_dense', 'aten.is_nonzero')
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += str(func.overloadpacket) in self.SYNC
+        return func(*args, **(kwargs or {}))
+
+
+def test_batched_targets_need_fewer_ops_and_syncs():
+    aux = _head()
+    y = torch.randn(3, 8, 12, 16)
+    counts = {}
+    for batched in (True, False):
+        for boxes in (2, 8):
+            aux.batched_targets = batched
+            samples = _samples(num_boxes=(boxes, ) * 3)
+            with torch.no_grad(), _Syncs() as c:
+                aux.loss(y, None, samples)
+            counts[batched, boxes] = (c.ops, c.syncs)
+    # mmdet: one sync per box and image (its low-quality loop) + nonzero's
+    assert counts[False, 8][1] >= 3 * 8
+    assert counts[False, 8][1] > counts[False, 2][1]
+    # batched: a constant few, whatever the number of boxes (on the CPU
+    # the focal loss's one_hot checks its range: 2; L1Loss's
+    # any(weight > 0): 1)
+    assert counts[True, 8] == counts[True, 2], counts
+    assert counts[True, 8][1] <= 3, counts
+    assert counts[True, 8][0] < counts[False, 8][0] / 2, counts
+
+
+def test_unsupported_heads_fall_back_to_mmdet():
+    aux = _head(head=dict(
+        type='mmdet.RetinaHead', stacked_convs=1,
+        anchor_generator=dict(type='mmdet.AnchorGenerator',
+                              octave_base_scale=4, scales_per_octave=1,
+                              ratios=[1.0]),
+        bbox_coder=dict(type='mmdet.DeltaXYWHBBoxCoder'),
+        reg_decoded_bbox=True,
+        loss_bbox=dict(type='mmdet.GIoULoss')))
+    assert not aux.batched_targets
+    assert 'reg_decoded_bbox' in aux.batched_targets_unsupported
+    losses = aux.loss(torch.randn(3, 8, 12, 16), None, _samples())
+    assert all(torch.isfinite(v) for v in losses.values())
+    # and the option turns the batched path off
+    assert not _head(batched_targets=False).batched_targets
