@@ -575,6 +575,48 @@ def test_light_statistics_calibrate_then_track():
     assert torch.equal(before, block.bn2.running_mean)
 
 
+def test_light_statistics_recalibrate_after_reset_or_load():
+    """The light layer reads ``num_batches_tracked`` (a host sync on a GPU)
+    only until its statistics are set; a reset (``init_weights``) or a
+    loaded checkpoint with reset statistics makes it calibrate again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func.overloadpacket is torch.ops.aten._local_scalar_dense
+            return func(*args, **(kwargs or {}))
+
+    model = repl(R18, interval=2, transform=CHANNEL)
+    model.init_weights()
+    model.train()
+    fresh = copy.deepcopy(model.state_dict())
+    bn = model.backbone.layer2[1].bn2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with Reads():
+        model(x)
+    assert Reads.n > 0 and int(bn.num_batches_tracked) == 1
+    Reads.n = 0
+    with Reads():
+        model(x)
+    assert Reads.n == 0  # statistics known to be set: no device read
+    calibrated = bn.running_var.clone()
+    assert not torch.allclose(calibrated, torch.ones_like(calibrated))
+
+    model.load_state_dict(fresh)  # reset statistics come back
+    assert int(bn.num_batches_tracked) == 0
+    model(x)
+    assert int(bn.num_batches_tracked) == 1
+    assert_close(bn.running_var, calibrated, rel=1e-5)  # calibrated again
+
+    model(x * 3)
+    model.init_weights()
+    model(x)
+    assert int(bn.num_batches_tracked) == 1
+    assert_close(bn.running_var, calibrated, rel=1e-5)
+
+
 def test_light_vit_with_cp_gives_the_same_gradients():
     grads = []
     for with_cp in (False, True):

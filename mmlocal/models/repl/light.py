@@ -227,21 +227,24 @@ def fused_conv_bn(x,
     """
     update = norm.training and norm.track_running_stats
     calibrated = False
+    # reading num_batches_tracked waits for the device: done only until the
+    # statistics are known to be set (see watch_statistics)
     if (update or calibrate) and norm.track_running_stats and \
-            int(norm.num_batches_tracked) == 0:
-        with torch.no_grad():
-            z = _conv(x, conv, weight, conv_bias)
-            mean, var = channel_stats(z)
-            norm.running_mean.copy_(mean)
-            norm.running_var.copy_(var)
-            del z
-        calibrated = True
+            not getattr(norm, STATS_READY, False):
+        if int(norm.num_batches_tracked) == 0:
+            with torch.no_grad():
+                z = _conv(x, conv, weight, conv_bias)
+                mean, var = channel_stats(z)
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                del z
+            calibrated = True
+        setattr(norm, STATS_READY, True)  # num_batches_tracked > 0 below
     mean = norm.running_mean.clone()  # updated in place below
-    var = norm.running_var.clone()
-    scale = gamma * torch.rsqrt(var + norm.eps)
-    shift = beta - mean * scale
+    scale = gamma * torch.rsqrt(norm.running_var + norm.eps)
+    shift = torch.addcmul(beta, mean, scale, value=-1)
     if conv_bias is not None:
-        shift = shift + conv_bias * scale
+        shift = torch.addcmul(shift, conv_bias, scale)
     w = weight * scale.reshape((-1, ) + (1, ) * (weight.dim() - 1))
     y = _conv(x, conv, w, shift)
     if calibrated and not update:
@@ -267,6 +270,29 @@ def fused_conv_bn(x,
                 norm.running_mean.lerp_(batch_mean, momentum)
                 norm.running_var.lerp_(batch_var, momentum)
     return y
+
+
+STATS_READY = '_repl_stats_ready'
+
+
+def _statistics_loaded(norm, incompatible_keys):
+    setattr(norm, STATS_READY, False)
+
+
+def watch_statistics(norm):
+    """Make :func:`fused_conv_bn` check ``norm``'s ``num_batches_tracked``
+    again after ``load_state_dict`` (a checkpoint may bring reset
+    statistics). Call :func:`statistics_reset` after resetting them in
+    place (``reset_running_stats``)."""
+    if not getattr(norm, '_repl_watched', False):
+        norm.register_load_state_dict_post_hook(_statistics_loaded)
+        norm._repl_watched = True
+    statistics_reset(norm)
+
+
+def statistics_reset(norm):
+    """``norm``'s statistics may have been reset: calibrate if so."""
+    setattr(norm, STATS_READY, False)
 
 
 def channel_stats(y):

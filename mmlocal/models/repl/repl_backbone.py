@@ -11,7 +11,7 @@ from mmlocal.models.local.split import (BLOCK_SEQUENCE_ADAPTERS,
                                         build_block_sequence)
 from mmlocal.registry import MODELS
 from .conv_block import conv_supported_types, conv_units
-from .light import LAYER_MODES, light_spec
+from .light import LAYER_MODES, light_spec, statistics_reset
 from .synthesis import (FUSION_RULES, OWN, UNUSED, BlockReplacement,
                         choose_rules, match_sources, transform_class)
 from .vit_block import vit_types, vit_units
@@ -205,6 +205,7 @@ class RepLBackbone(BaseModule):
             for m in rep.block.modules():
                 if isinstance(m, _BatchNorm) and m.track_running_stats:
                     m.reset_running_stats()
+                    statistics_reset(m)
         print_log(
             f'RepLBackbone({type(self.backbone).__name__}): '
             f'{len(self.plan)} blocks replaced {self.replaced_blocks}; '

@@ -27,9 +27,17 @@ class BaseRepLTransform(nn.Module):
             block (it does not depend on channel counts); False when one
             instance is built per layer with ``num_channels`` = that layer's
             output channels.
+        column_separable (bool): True when ``T`` maps every column of the
+            ``C_out x (rest)`` matrices alike (the same function of
+            ``(prev[:, j], next[:, j])`` for every ``j``): the vectors
+            sharing a transform and ``C_out`` (a norm's weight and bias; with
+            a per-block transform, all vectors of that width) are then
+            stacked as columns and mapped in one call. Default False (a
+            custom transform gets each tensor on its own).
     """
 
     per_block = False
+    column_separable = False
 
     def forward(self, prev, next):  # noqa: A002 - the paper's k+1
         raise NotImplementedError
@@ -63,6 +71,7 @@ class RepLScalarMix(BaseRepLTransform):
     """
 
     per_block = True
+    column_separable = True
 
     def __init__(self, num_channels=None, init=(0.5, 0.5)):
         super().__init__()
@@ -91,6 +100,8 @@ class RepLChannelMix(BaseRepLTransform):
             ``b_c``. Default ``(0.5, 0.5)``.
     """
 
+    column_separable = True
+
     def __init__(self, num_channels, init=(0.5, 0.5)):
         super().__init__()
         num_channels = _positive_int(num_channels, 'num_channels',
@@ -100,8 +111,9 @@ class RepLChannelMix(BaseRepLTransform):
         self.b = nn.Parameter(torch.full((num_channels, ), b))
 
     def forward(self, prev, next):  # noqa: A002
-        return (self._per_channel(self.a, prev) * prev +
-                self._per_channel(self.b, next) * next)
+        return torch.addcmul(
+            self._per_channel(self.b, next) * next,
+            self._per_channel(self.a, prev), prev)
 
 
 @MODELS.register_module()
@@ -130,6 +142,8 @@ class RepLLowRankMix(BaseRepLTransform):
             ``(0.5, 0.5)``.
     """
 
+    column_separable = True
+
     def __init__(self, num_channels, rank=4, init=(0.5, 0.5)):
         super().__init__()
         name = type(self).__name__
@@ -145,14 +159,16 @@ class RepLLowRankMix(BaseRepLTransform):
         self.v_a = nn.Parameter(torch.randn(num_channels, rank) * std)
         self.v_b = nn.Parameter(torch.randn(num_channels, rank) * std)
 
-    def _mix(self, diag, u, v, w):
-        flat = w.reshape(w.shape[0], -1)
-        mixed = self._per_channel(diag, flat) * flat + u @ (v.t() @ flat)
-        return mixed.reshape(w.shape)
-
     def forward(self, prev, next):  # noqa: A002
-        return (self._mix(self.a, self.u_a, self.v_a, prev) +
-                self._mix(self.b, self.u_b, self.v_b, next))
+        # 6 kernels: diag(b) W+ , + diag(a) W-, + U_a (V_a^T W-),
+        # + U_b (V_b^T W+) (a step launches this for every synthesised
+        # tensor, so the kernel count is what a GPU pays)
+        p = prev.reshape(prev.shape[0], -1)
+        n = next.reshape(next.shape[0], -1)
+        out = torch.addcmul(self.b[:, None] * n, self.a[:, None], p)
+        out = torch.addmm(out, self.u_a, self.v_a.t() @ p)
+        out = torch.addmm(out, self.u_b, self.v_b.t() @ n)
+        return out.reshape(prev.shape)
 
 
 def _pair_of_floats(value, option, owner):
