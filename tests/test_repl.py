@@ -585,7 +585,8 @@ def test_light_statistics_recalibrate_after_reset_or_load():
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Reads.n += func.overloadpacket is torch.ops.aten._local_scalar_dense
+            read = torch.ops.aten._local_scalar_dense
+            Reads.n += func.overloadpacket is read
             return func(*args, **(kwargs or {}))
 
     model = repl(R18, interval=2, transform=CHANNEL)

@@ -1,0 +1,47 @@
+"""tools/analysis/count_ops.py: kernels and host syncs of a training step."""
+import os.path as osp
+import sys
+
+import torch
+
+from conftest import REPO, run_tool
+
+sys.path.insert(0, osp.join(REPO, 'tools', 'analysis'))
+import count_ops  # noqa: E402
+
+BASE = osp.join(REPO, 'tests', 'configs', 'infopro_retinanet_tiny_demo.py')
+
+
+def test_counter_counts_kernels_and_syncs():
+    x = torch.randn(4, 4)
+    with count_ops.OpCounter() as c:
+        y = (x.t() @ x).relu()  # t is a view: 2 kernels
+        bool((y > 0).any())  # 2 kernels + 1 sync
+        y.nonzero()  # 1 kernel, 1 sync
+    assert (c.kernels, c.syncs) == (6, 2), (c.kernels, c.syncs, c.by_op)
+
+
+def test_batched_aux_targets_remove_syncs():
+    """The tiny InfoPro detector (K=2): local learning adds one aux head;
+    with mmdet's per-image targets it adds a sync per box and image."""
+    import benchmark_memory as bm
+    shape = (2, 3, 64, 64)
+    e2e = count_ops.count_mode(bm.load_config(BASE), 'e2e', shape)
+    local = {
+        batched: count_ops.count_mode(
+            bm.load_config(BASE,
+                           {'model.aux.det_head.batched_targets': batched}),
+            'local', shape)
+        for batched in (True, False)
+    }
+    # mmdet: >= one sync per box (4) and image (2) in the low-quality loop
+    assert local[False]['syncs'] >= local[True]['syncs'] + 8, local
+    # batched: the aux head adds a handful (NaN guard, L1Loss, CPU one_hot)
+    assert local[True]['syncs'] <= e2e['syncs'] + 6, (e2e, local)
+    assert local[True]['kernels'] < local[False]['kernels']
+
+
+def test_cli_table():
+    proc = run_tool(['tools/analysis/count_ops.py', BASE, '--modes', 'e2e',
+                     '--input-shape', '1', '3', '64', '64'])
+    assert '| e2e |' in proc.stdout and '1.00x' in proc.stdout

@@ -1,0 +1,160 @@
+"""Kernels and host synchronisations of one training step, per mode.
+
+On a GPU a step whose kernels are small is bound by their launches, and
+every op that reads a device value on the host (``.item()``, ``nonzero``,
+``if tensor:``) makes the host wait until the device is idle, so whatever
+the host does next (Python, the next launches) is no longer hidden. Both
+counts are the same on every device, so this tool measures them on the CPU
+(they are what local learning and RepL add to a step besides FLOPs):
+
+- ``kernels``: ATen ops dispatched during ``train_step`` other than views
+  and allocations (a kernel launch each on a GPU);
+- ``syncs``: ``_local_scalar_dense`` (``.item()``, ``int(t)``, ``bool(t)``)
+  and ``nonzero`` calls.
+
+Modes: those of ``benchmark_memory.py`` and ``stock``: the model with every
+``mmlocal.RepLBackbone`` replaced by its inner backbone (the baseline of a
+RepL config). Ratios are against ``stock`` when given, else ``e2e``.
+
+Each mode's model is built and trained one warm-up step as in
+``benchmark_memory.py`` (same random batch); then one step is counted,
+without the optimizer's own ``step`` (on CUDA a few multi-tensor launches;
+on the CPU PyTorch loops over the parameters, and Adam reads its step
+counter per parameter). On the CPU mmdet's focal loss takes another path
+than on CUDA (``one_hot``: two syncs more per call here).
+
+Example::
+
+    python tools/analysis/count_ops.py \\
+        configs/local/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py \\
+        --modes e2e local --input-shape 2 3 64 96
+"""
+import argparse
+import collections
+import copy
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+import benchmark_memory as bm  # noqa: E402
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+NOT_KERNELS = frozenset({
+    'view', 't', 'reshape', 'detach', 'select', 'slice', 'expand',
+    'as_strided', 'unsqueeze', 'squeeze', 'permute', 'transpose',
+    '_unsafe_view', 'alias', 'split', 'split_with_sizes', 'unbind',
+    'narrow', 'lift_fresh', 'empty', 'empty_like', 'new_empty',
+    '_reshape_alias', 'unfold', 'empty_strided'
+})
+SYNCS = frozenset({'_local_scalar_dense', 'nonzero', 'is_nonzero'})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts kernels and host syncs dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = 0
+        self.syncs = 0
+        self.by_op = collections.Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if self.paused:
+            pass
+        elif name not in NOT_KERNELS:
+            self.kernels += 1
+            self.by_op[name] += 1
+        if name in SYNCS and not self.paused:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_mode(cfg, mode, input_shape, seed=0):
+    """``{'kernels', 'syncs', 'top'}`` of one ``train_step`` of ``mode``."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    if mode == 'stock':
+        from mmlocal.models.repl import stock_model_cfg
+        cfg = copy.deepcopy(cfg)
+        cfg.model = stock_model_cfg(cfg.model)
+        mode = 'e2e'
+    plain = bm.plain_model_cfg(cfg)
+    task = bm.detect_task(cfg, plain)
+    num_classes = bm.find_num_classes(plain, task)
+    model_cfg = bm.mode_model_cfg(cfg, mode)
+    init_default_scope(bm.default_scope(cfg, task))
+    torch.manual_seed(seed)
+    model = bm.build_train_model(model_cfg)
+    optim_wrapper = build_optim_wrapper(
+        model,
+        copy.deepcopy(
+            cfg.get('optim_wrapper', None) or bm.FALLBACK_OPTIM_WRAPPER))
+    shape = bm._check_shape(input_shape)
+    model.train_step(
+        bm.make_random_batch(shape, task, num_classes, seed=seed),
+        optim_wrapper)
+    batch = bm.make_random_batch(shape, task, num_classes, seed=seed)
+    counter = OpCounter()
+    optimizer = optim_wrapper.optimizer
+    step = optimizer.step
+
+    def uncounted_step(*args, **kwargs):
+        counter.paused = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    optimizer.step = uncounted_step
+    try:
+        with counter:
+            model.train_step(batch, optim_wrapper)
+    finally:
+        del optimizer.step
+    return dict(kernels=counter.kernels, syncs=counter.syncs,
+                top=counter.by_op.most_common(8))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='kernels and host syncs of one training step',
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config')
+    parser.add_argument('--modes', nargs='+', default=['e2e', 'local'],
+                        choices=bm.MODES + ('stock', ))
+    parser.add_argument('--input-shape', type=int, nargs=4,
+                        default=[2, 3, 64, 96],
+                        metavar=('N', 'C', 'H', 'W'))
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = bm.load_config(args.config, args.cfg_options)
+    rows = {}
+    for mode in args.modes:
+        try:
+            rows[mode] = count_mode(cfg, mode, args.input_shape)
+        except bm.ModeUnavailable as exc:
+            print(f'{mode}: unavailable ({exc})')
+    base = rows.get('stock', rows.get('e2e'))
+    base_name = 'stock' if 'stock' in rows else 'e2e'
+    print(f'| mode | kernels | vs {base_name} | host syncs | most frequent |')
+    print('|---|---:|---:|---:|---|')
+    for mode, r in rows.items():
+        ratio = f"{r['kernels'] / base['kernels']:.2f}x" if base else '-'
+        top = ', '.join(f'{n} {c}' for n, c in r['top'][:4])
+        print(f"| {mode} | {r['kernels']} | {ratio} | {r['syncs']} | "
+              f'{top} |')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
