@@ -53,16 +53,20 @@ class MomentumCopyMixin:
         """``theta_EMA <- m * theta_EMA + (1 - m) * theta_src``; BN
         statistics too when ``ema_buffers`` (integer buffers copied)."""
         m = self.momentum
-        for p_ema, p_src in zip(self.ema.parameters(),
-                                self.source.parameters()):
-            p_ema.mul_(m).add_(p_src.detach(), alpha=1 - m)
+        ema = list(self.ema.parameters())
+        src = [p.detach() for p in self.source.parameters()]
         if self.ema_buffers:
             for b_ema, b_src in zip(self.ema.buffers(),
                                     self.source.buffers()):
                 if b_ema.dtype.is_floating_point:
-                    b_ema.mul_(m).add_(b_src, alpha=1 - m)
+                    ema.append(b_ema)
+                    src.append(b_src)
                 else:
                     b_ema.copy_(b_src)
+        # one multi-tensor launch group instead of two kernels per tensor
+        # (theta + (1 - m) (src - theta) = m theta + (1 - m) src)
+        if ema:
+            torch._foreach_lerp_(ema, src, 1 - m)
 
     def _warn_if_not_driven(self):
         """Warn once when training without :class:`MomentumAuxHook`."""
