@@ -28,6 +28,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import benchmark_memory as bm  # noqa: E402
 from demo_map import named_runs  # noqa: E402
+from cuda_like_focal_loss import cuda_like_focal_loss  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
@@ -177,6 +178,11 @@ def parse_args(argv=None):
     parser.add_argument('--reference', default='infopro',
                         help='family the "vs" column compares with')
     parser.add_argument('--json', help='write the report here')
+    parser.add_argument(
+        '--cuda-like-focal-loss', action='store_true',
+        help='on the CPU, let the sigmoid focal loss keep only what '
+        'mmcv\'s CUDA op keeps (cuda_like_focal_loss.py): peaks as on a '
+        'GPU for RetinaNet-style heads')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='applied to every config')
     return parser.parse_args(argv)
@@ -193,9 +199,12 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(runs, args.input_shape, args.iters, args.warmup,
-                 args.device, args.seed, args.cfg_options, args.reference,
-                 on_result=save)
+    with cuda_like_focal_loss(args.cuda_like_focal_loss):
+        report = run(runs, args.input_shape, args.iters, args.warmup,
+                     args.device, args.seed, args.cfg_options,
+                     args.reference, on_result=save)
+    report['cuda_like_focal_loss'] = args.cuda_like_focal_loss
+    save(report)
     print(format_table(report))
     if args.json:
         print(f'results written to {args.json}')

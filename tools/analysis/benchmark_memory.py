@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from mmlocal.utils.memory import PeakMemoryMeter, format_bytes  # noqa: E402
+from cuda_like_focal_loss import cuda_like_focal_loss  # noqa: E402
 
 MODES = ('e2e', 'local', 'checkpoint')
 DEFAULT_DET_SHAPE = (2, 3, 800, 1333)
@@ -763,6 +764,11 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='write the results as JSON here')
     parser.add_argument('--plot', help='write a bar chart (PNG) here')
     parser.add_argument(
+        '--cuda-like-focal-loss', action='store_true',
+        help='on the CPU, let the sigmoid focal loss keep only what '
+        'mmcv\'s CUDA op keeps (cuda_like_focal_loss.py): peaks as on a '
+        'GPU for RetinaNet-style heads')
+    parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config settings, key=value (see tools/train.py)')
     return parser.parse_args(argv)
@@ -772,10 +778,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('--device cuda: CUDA is not available')
-    report = run_benchmark(
-        args.config, modes=args.modes, input_shape=args.input_shape,
-        iters=args.iters, warmup=args.warmup, device=args.device,
-        seed=args.seed, cfg_options=args.cfg_options, verbose=True)
+    with cuda_like_focal_loss(args.cuda_like_focal_loss):
+        report = run_benchmark(
+            args.config, modes=args.modes, input_shape=args.input_shape,
+            iters=args.iters, warmup=args.warmup, device=args.device,
+            seed=args.seed, cfg_options=args.cfg_options, verbose=True)
+    report['cuda_like_focal_loss'] = args.cuda_like_focal_loss
     print(format_table(report))
     if args.json:
         save_json(report, args.json)

@@ -45,6 +45,7 @@ from benchmark_memory import (default_input_shape, default_scope,  # noqa
 from mmlocal.models.local.balance import (balanced_split_points,  # noqa
                                           module_costs)
 from mmlocal.utils.memory import PeakMemoryMeter, format_bytes  # noqa: E402
+from cuda_like_focal_loss import cuda_like_focal_loss  # noqa: E402
 
 
 def saved_bytes(fn, exclude):
@@ -239,6 +240,11 @@ def parse_args(argv=None):
                         help='K (default: the config\'s)')
     parser.add_argument('--device', choices=['cpu', 'cuda'])
     parser.add_argument('--json', help='write the report here')
+    parser.add_argument(
+        '--cuda-like-focal-loss', action='store_true',
+        help='on the CPU, let the sigmoid focal loss keep only what '
+        'mmcv\'s CUDA op keeps (cuda_like_focal_loss.py): peaks as on a '
+        'GPU for RetinaNet-style heads')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args(argv)
 
@@ -247,7 +253,9 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    report = plan(cfg, args.input_shape, args.num_modules, device)
+    with cuda_like_focal_loss(args.cuda_like_focal_loss):
+        report = plan(cfg, args.input_shape, args.num_modules, device)
+    report['cuda_like_focal_loss'] = args.cuda_like_focal_loss
     print(format_report(report))
     if args.json:
         with open(args.json, 'w') as f:
