@@ -27,7 +27,6 @@ import contextlib
 import importlib.util
 import os.path as osp
 
-import torch
 
 _STUB = osp.join(
     osp.dirname(osp.dirname(osp.abspath(__file__))), 'device',
