@@ -168,6 +168,24 @@ def _nan_guarded(train_step):
     return guarded
 
 
+def _check_checkpoint_blocks(blocks, num_blocks):
+    """Sorted block indices; ValueError naming ``checkpoint_blocks``."""
+    if blocks is None:
+        return ()
+    if isinstance(blocks, (str, bytes)) or not hasattr(blocks, '__iter__'):
+        raise ValueError(f'checkpoint_blocks={blocks!r} must be a list of '
+                         'block indices')
+    blocks = list(blocks)
+    bad = [b for b in blocks if isinstance(b, bool) or not isinstance(
+        b, int) or not 0 <= b < num_blocks]
+    if bad:
+        raise ValueError(f'checkpoint_blocks={blocks}: {bad} are not block '
+                         f'indices in [0, {num_blocks})')
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f'checkpoint_blocks={blocks} has duplicates')
+    return tuple(sorted(blocks))
+
+
 class _ModuleGraph:
     """Module ``j``'s retained graph in the cascade engine.
 
@@ -256,6 +274,15 @@ class LocalLearner(BaseModel):
             dropped instead (gradients and buffers restored to their state
             at its start, no step, a warning is logged) and training goes on;
             not supported with several processes. ``None``: no check.
+        checkpoint_blocks (Sequence[int]): Blocks (``split_points``
+            numbering) run under activation checkpointing: each keeps only
+            its input for backward and runs its forward again during the
+            local backward (:func:`~mmlocal.models.local.split.
+            checkpoint_block`; same outputs, gradients and BN statistics).
+            Lowers the peak of the module holding them by their activations
+            for one more forward of each. A module's peak is at the start
+            of its backward, so its last block gains nothing (it is
+            recomputed right then). Default: none.
     """
 
     def __init__(self,
@@ -266,6 +293,7 @@ class LocalLearner(BaseModel):
                  aux=dict(type='mmlocal.InfoProAux'),
                  attach_stages=(),
                  nan_guard='raise',
+                 checkpoint_blocks=(),
                  init_cfg=None):
         if isinstance(model, dict):
             model = copy.deepcopy(model)
@@ -292,6 +320,9 @@ class LocalLearner(BaseModel):
             self._seq, num_modules=num_modules, split_points=split_points,
             stage_aligned=stage_aligned)
         self.num_modules = len(self.module_ranges)
+        self.checkpoint_blocks = _check_checkpoint_blocks(
+            checkpoint_blocks, self._seq.num_blocks)
+        self._seq.checkpointed = frozenset(self.checkpoint_blocks)
         stages = set(getattr(inner.backbone, 'out_indices', ()))
         bad = [s for s in attach_stages if s not in stages]
         if bad:

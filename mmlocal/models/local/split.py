@@ -17,10 +17,55 @@ backbones, nothing about losses:
 Nothing here changes the backbone: block channels and strides come from the
 blocks' configuration attributes, not from a probe forward.
 """
+import contextlib
 import itertools
 import operator
 
+import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+
+def checkpoint_block(block, x):
+    """``block(x)`` keeping only ``x`` for backward: the block's forward
+    runs again during backward (non-reentrant ``torch.utils.checkpoint``,
+    so parameters get gradients when ``x`` needs none, and
+    ``backward(inputs=...)`` / ``retain_graph`` work). Unlike the stock
+    blocks' ``with_cp``, the recomputation leaves BN running statistics
+    alone (``momentum`` 0 and ``num_batches_tracked`` restored while it
+    runs), so statistics, outputs and gradients equal a plain forward's.
+    """
+    return checkpoint(block, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(),
+                                          _norm_statistics_frozen(block)))
+
+
+class _norm_statistics_frozen:
+    """BN running statistics untouched while the block runs again (a class:
+    a retained graph recomputes once per backward pass through it)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.saved = []
+
+    def __enter__(self):
+        norms = [
+            m for m in self.module.modules() if isinstance(m, _BatchNorm)
+            and m.training and m.track_running_stats
+        ]
+        self.saved = [(m, m.momentum, m.num_batches_tracked.clone())
+                      for m in norms]
+        for m in norms:
+            m.momentum = 0.0  # running = 1 * running + 0 * batch
+        return self
+
+    def __exit__(self, *exc):
+        for m, momentum, tracked in self.saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+        self.saved = []
+        return False
 
 
 class BlockSequence:
@@ -67,6 +112,9 @@ class BlockSequence:
 
     def __init__(self, backbone):
         self.backbone = backbone
+        # indices of blocks run under activation checkpointing (set by
+        # LocalLearner's ``checkpoint_blocks``)
+        self.checkpointed = frozenset()
         self.blocks = []
         self.block_names = []
         self.block_stage = []
@@ -188,7 +236,10 @@ class BlockSequence:
                 f'block range [{start}, {end}) is not inside the '
                 f'{self.num_blocks} blocks of {self.backbone_name}')
         for i in range(start, end):
-            x = self.blocks[i](x)
+            if i in self.checkpointed and torch.is_grad_enabled():
+                x = checkpoint_block(self.blocks[i], x)
+            else:
+                x = self.blocks[i](x)
             if i in self._output_blocks:
                 outs[self._output_blocks[i]] = x
         return x
