@@ -59,3 +59,18 @@ def test_local_config_builds(path):
             list(cfg.model.split_points)
     assert type(model.aux_nets[0]).__name__ == \
         cfg.model.aux.type.split('.')[-1]
+
+
+@pytest.mark.parametrize('path', [p for p in LOCAL if '-cp_' in p],
+                         ids=lambda p: osp.basename(p))
+def test_checkpointing_configs_build(path):
+    """The low-memory variants checkpoint the blocks their comments name
+    (never the last block of a module, which would save nothing)."""
+    cfg = Config.fromfile(path)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(_offline(cfg.model))
+    assert all(aux.with_cp for aux in model.aux_nets)
+    blocks = model.checkpoint_blocks
+    assert blocks and model._seq.checkpointed == frozenset(blocks)
+    last_blocks = {end - 1 for _, end in model.module_ranges}
+    assert not set(blocks) & last_blocks

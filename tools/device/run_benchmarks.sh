@@ -74,6 +74,7 @@ timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
     dgl=$C/dgl_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
     man-cp=$(withcp $C/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py) \
     mlaan-cp=$(withcp $C/mlaan_retinanet_r50_fpn_k4_8xb2-1x_coco.py) \
+    mlaan-cpb=$C/mlaan-cp_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
     $DET ${FAMILY_OPTS:-} --json "$OUT/families_retinanet.json" > "$L/families_retinanet.log" 2>&1
 tail -n 16 "$L/families_retinanet.log"
 
@@ -90,6 +91,9 @@ timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
     dgl=$C/dgl_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
     man-cp=$(withcp $C/man_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py) \
     mlaan-cp=$(withcp $C/mlaan_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py) \
+    man-cpb=$C/man-cp_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
+    manpp-cpb=$C/manpp-cp_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
+    mlaan-cpb=$C/mlaan-cp_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
     $SEG ${FAMILY_OPTS:-} --json "$OUT/families_deeplabv3.json" > "$L/families_deeplabv3.log" 2>&1
 tail -n 16 "$L/families_deeplabv3.log"
 
