@@ -138,6 +138,8 @@ def test_batched_targets_need_fewer_ops_and_syncs():
         for boxes in (2, 8):
             aux.batched_targets = batched
             samples = _samples(num_boxes=(boxes, ) * 3)
+            with torch.no_grad():
+                aux.loss(y, None, samples)  # anchors of these shapes cached
             with torch.no_grad(), _Syncs() as c:
                 aux.loss(y, None, samples)
             counts[batched, boxes] = (c.ops, c.syncs)
@@ -167,3 +169,21 @@ def test_unsupported_heads_fall_back_to_mmdet():
     assert all(torch.isfinite(v) for v in losses.values())
     # and the option turns the batched path off
     assert not _head(batched_targets=False).batched_targets
+
+
+def test_anchors_cached_per_shape():
+    aux = _head()
+    y = torch.randn(3, 8, 12, 16)
+    samples = _samples()
+    aux.loss(y, None, samples)
+    cache = aux._anchor_cache
+    # one anchor set + one valid-flag set per distinct pad shape (3 here)
+    assert len(cache) == 1 + len(SHAPES)
+    first = dict(cache)
+    aux.loss(y, None, samples)
+    assert all(cache[k] is v for k, v in first.items())  # reused
+    aux.loss(torch.randn(3, 8, 10, 16), None, samples)  # other feature size
+    assert len(cache) == 2 * (1 + len(SHAPES))
+    for _ in range(20):  # bounded
+        aux.loss(torch.randn(1, 8, 4 + _, 16), None, samples[:1])
+    assert len(cache) <= 16

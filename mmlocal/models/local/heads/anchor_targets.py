@@ -21,6 +21,8 @@ tensor ops and no host synchronisation:
 RetinaNet-style head with the defaults of :class:`DetAuxHead`); for any other
 the auxiliary head uses mmdet's own ``loss``.
 """
+import collections
+
 import torch
 from mmdet.models.dense_heads import AnchorHead
 from mmdet.models.task_modules.assigners import BboxOverlaps2D, MaxIoUAssigner
@@ -63,17 +65,37 @@ def _level_sizes(head, featmap_sizes):
     ]
 
 
-def _anchors_and_valid(head, featmap_sizes, img_metas, device):
+_CACHE_SIZE = 16
+
+
+def _cached(cache, key, make):
+    """``cache[key]``, made by ``make()`` on a miss (oldest dropped)."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _anchors_and_valid(head, featmap_sizes, img_metas, device, cache=None):
+    """Anchors ``(A, 4)`` and valid flags ``(B, A)``; they depend only on
+    the feature map sizes and the images' pad shapes, so with a ``cache``
+    (an ``OrderedDict``) they are made once per shape, not every step."""
     gen = head.prior_generator
-    anchors = torch.cat(gen.grid_priors(featmap_sizes, device=device))
-    flags = {}
+    cache = collections.OrderedDict() if cache is None else cache
+    sizes = tuple(tuple(int(v) for v in s) for s in featmap_sizes)
+    device = torch.device(device)
+    anchors = _cached(
+        cache, ('anchors', sizes, device),
+        lambda: torch.cat(gen.grid_priors(sizes, device=device)))
     valid = []
     for meta in img_metas:
-        pad = tuple(meta['pad_shape'][:2])
-        if pad not in flags:
-            flags[pad] = torch.cat(
-                gen.valid_flags(featmap_sizes, pad, device=device))
-        valid.append(flags[pad])
+        pad = tuple(int(v) for v in meta['pad_shape'][:2])
+        valid.append(_cached(
+            cache, ('valid', sizes, pad, device),
+            lambda: torch.cat(gen.valid_flags(sizes, pad, device=device))))
     return anchors, torch.stack(valid)
 
 
@@ -137,8 +159,12 @@ def assign(overlaps, gt_mask, valid, assigner):
                        torch.zeros_like(gt_inds))
 
 
-def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device):
+def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device,
+                   cache=None):
     """Targets of ``head`` (an :class:`AnchorHead`) for a batch.
+
+    ``cache`` (an ``OrderedDict`` kept by the caller) holds the anchors and
+    valid flags of the last shapes seen.
 
     Returns:
         tuple: per-level lists of ``anchors (B, A_l, 4)``, ``labels``,
@@ -148,7 +174,7 @@ def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device):
         arguments of ``AnchorHead.loss_by_feat_single``.
     """
     anchors, valid = _anchors_and_valid(head, featmap_sizes, img_metas,
-                                        device)
+                                        device, cache)
     boxes, labels, gt_mask = _pad_ground_truth(gt_instances, device)
     batch, num_anchors = valid.shape
     overlaps = bbox_overlaps(

@@ -1,3 +1,4 @@
+import collections
 import copy
 
 from mmcv.cnn import ConvModule
@@ -123,6 +124,7 @@ class DetAuxHead(BaseModule):
         self.batched_targets_unsupported = unsupported_reason(self.head)
         self.batched_targets = bool(batched_targets) and \
             self.batched_targets_unsupported is None
+        self._anchor_cache = collections.OrderedDict()  # not state
 
     def forward(self, y):
         """Return the pyramid the dense head predicts on."""
@@ -157,7 +159,7 @@ class DetAuxHead(BaseModule):
         img_metas = [s.metainfo for s in data_samples]
         *targets, avg_factor = anchor_targets(
             self.head, [c.shape[-2:] for c in cls_scores], gt_instances,
-            img_metas, cls_scores[0].device)
+            img_metas, cls_scores[0].device, cache=self._anchor_cache)
         loss_cls, loss_bbox = [], []
         for level in zip(cls_scores, bbox_preds, *targets):
             cls, box = self.head.loss_by_feat_single(
