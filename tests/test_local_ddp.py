@@ -101,6 +101,15 @@ def test_aux_checkpointing_under_the_wrapper(worker_states):
         torch.testing.assert_close(r0[key], plain[key], msg=key)
 
 
+def test_block_checkpointing_under_the_wrapper(worker_states):
+    """MAN with aux ``with_cp`` and ``checkpoint_blocks`` under the wrapper:
+    ranks identical, equal to one process and to MAN without either."""
+    r0, _ = _assert_ranks_equal_single(worker_states, '_man_cpb')
+    plain = worker_states('rank0', '_man')
+    for key in plain:
+        torch.testing.assert_close(r0[key], plain[key], msg=key)
+
+
 def test_amp_and_clipping_ranks_identical(worker_states):
     """AmpOptimWrapper (bf16 autocast on the CPU) with clip_grad: ranks
     identical; close to one process (bf16 rounding differs with the batch

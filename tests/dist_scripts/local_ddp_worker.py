@@ -12,7 +12,9 @@ and saves their state dicts to OUT/<tag><suffix>.pt (tag ``rank0``,
 - ``'_amp'``: InfoPro aux, ``AmpOptimWrapper`` (bfloat16 autocast on the
   CPU) with ``clip_grad``;
 - ``'_man_cp'``: ``'_man'`` with ``with_cp=True`` (checkpointing inside
-  the aux nets).
+  the aux nets);
+- ``'_man_cpb'``: ``'_man_cp'`` with ``checkpoint_blocks`` (backbone blocks
+  of both modules recomputed in the local backward).
 """
 import os
 import sys
@@ -38,8 +40,9 @@ LR = 0.5  # parameters move by ~1e-3: far above the 1e-5 tolerance
 MAX_NORM = 0.3  # the averaged gradient norm is ~0.35 at the first step
 
 
-def build(aux_type=None, **aux_options):
+def build(aux_type=None, learner=None, **aux_options):
     cfg = gn_fcn_learner_cfg()
+    cfg.update(learner or {})
     # zero-initialised residual norms would keep every block's convs (and
     # so the MAN source block) at their initial value for the first steps
     cfg['model']['backbone']['zero_init_residual'] = False
@@ -107,6 +110,11 @@ def main(out_dir):
         '_amp': dict(model=build(), amp=True),
         '_man_cp': dict(model=build('mmlocal.MomentumAux', with_cp=True),
                         hook=MomentumAuxHook()),
+        # K=2 over 8 blocks: modules [0, 4) and [4, 8)
+        '_man_cpb': dict(
+            model=build('mmlocal.MomentumAux', with_cp=True,
+                        learner=dict(checkpoint_blocks=[0, 2, 4, 6])),
+            hook=MomentumAuxHook()),
     }
     for suffix, kwargs in runs.items():
         state = train(rank=rank, world=world, distributed=distributed,
