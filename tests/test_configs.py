@@ -65,7 +65,7 @@ def test_local_config_builds(path):
                          ids=lambda p: osp.basename(p))
 def test_checkpointing_configs_build(path):
     """The low-memory variants checkpoint the blocks their comments name
-    (never the last block of a module, which would save nothing)."""
+    (not the last block of a module, which saved nothing measurable)."""
     cfg = Config.fromfile(path)
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = MODELS.build(_offline(cfg.model))

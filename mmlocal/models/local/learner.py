@@ -280,9 +280,10 @@ class LocalLearner(BaseModel):
             local backward (:func:`~mmlocal.models.local.split.
             checkpoint_block`; same outputs, gradients and BN statistics).
             Lowers the peak of the module holding them by their activations
-            for one more forward of each. A module's peak is at the start
-            of its backward, so its last block gains nothing (it is
-            recomputed right then). Default: none.
+            for one more forward of each. A module's last block is
+            recomputed as soon as the backward leaves its aux net (or
+            head), so checkpointing it lowers only that part of the peak.
+            Default: none.
     """
 
     def __init__(self,
