@@ -154,6 +154,21 @@ def test_plan_on_tiny_detector(aux):
     assert f"split_points={bal['split_points']}" in text
 
 
+def test_checkpointed_blocks_cost_their_input():
+    torch.set_num_threads(1)
+    path = osp.join(REPO, 'tests/configs/infopro_retinanet_tiny_demo.py')
+    plain = plan_split.plan(Config.fromfile(path), (1, 3, 128, 128))
+    cfg = Config.fromfile(path)
+    cfg.model.checkpoint_blocks = [2, 4]
+    cp = plan_split.plan(cfg, (1, 3, 128, 128))
+    before, after = plain['costs']['blocks'], cp['costs']['blocks']
+    for b in range(len(before)):
+        if b in (2, 4):
+            assert 0 < after[b] < 0.6 * before[b], (b, after[b], before[b])
+        else:
+            assert after[b] == before[b], b
+
+
 def test_plan_refuses_plain_model():
     cfg = Config.fromfile(
         osp.join(REPO, 'tests/configs/retinanet_tiny_demo.py'))

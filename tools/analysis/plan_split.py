@@ -14,6 +14,10 @@ For the config's model and an input shape it measures, once:
 
 and prints the estimated module peaks of the config's split and of the
 balanced one (:func:`mmlocal.models.local.balance.balanced_split_points`).
+Blocks in the config's ``checkpoint_blocks`` cost their input (what the
+checkpoint keeps), which the estimate counts for every block of a module
+(a module's last block is recomputed at the start of its backward, so for
+it the estimate is optimistic).
 Put the printed ``split_points`` in the config (``model.split_points``,
 instead of ``num_modules``), then check with ``benchmark_memory.py``.
 Activations scale with the number of pixels, so a plan made at one input
@@ -98,8 +102,13 @@ def measure_costs(learner, batch, device='cpu'):
     features, blocks = [], []
     for b in range(seq.num_blocks):
         x = x.detach()
+        block_input = x
         x, cost = saved_bytes(
             lambda: seq.forward_blocks(x, b, b + 1, outs), exclude)
+        if b in seq.checkpointed:
+            # the checkpoint keeps the block's input (outside autograd's
+            # saved tensors, so not seen by saved_bytes)
+            cost += block_input.numel() * block_input.element_size()
         blocks.append(cost)
         features.append(x.detach())
     outs = {s: o.detach() for s, o in outs.items()}
