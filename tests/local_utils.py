@@ -120,6 +120,18 @@ def grads(module):
     }
 
 
+def assert_same_step(logs, g, logs_other, g_other, rtol=1e-4, atol=1e-6):
+    """Two training steps logged the same losses and left the same
+    gradients (``grads`` dicts), up to float reassociation."""
+    assert logs.keys() == logs_other.keys()
+    for name in logs:
+        torch.testing.assert_close(logs_other[name], logs[name], msg=name)
+    assert g.keys() == g_other.keys()
+    for name in g:
+        torch.testing.assert_close(g_other[name], g[name], rtol=rtol,
+                                   atol=atol, msg=name)
+
+
 def module_phase_peak(learner, batch, phase='module0'):
     """Peak of one local-learning phase of a step (CPU meter), after a
     warm-up step; SGD with lr 0 keeps the weights."""

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from local_utils import (TINY_FCN, TINY_RETINANET, KeepGradsOptimWrapper,
-                         det_batch, grads, module_phase_peak, seg_batch,
-                         small_aux)
+                         assert_same_step, det_batch, grads,
+                         module_phase_peak, seg_batch, small_aux)
 from test_local_cascade import cascade_aux
 from test_local_learner import build
 
@@ -46,13 +46,7 @@ def test_same_losses_and_gradients(family, task):
     cp.load_state_dict(plain.state_dict())
     logs, g = _step(plain, batch)
     logs_cp, g_cp = _step(cp, batch)
-    assert logs.keys() == logs_cp.keys()
-    for name in logs:
-        torch.testing.assert_close(logs_cp[name], logs[name], msg=name)
-    assert g.keys() == g_cp.keys()
-    for name in g:
-        torch.testing.assert_close(g_cp[name], g[name], rtol=1e-4,
-                                   atol=1e-6, msg=name)
+    assert_same_step(logs, g, logs_cp, g_cp)
     # the aux nets were trained (a check that cannot pass vacuously)
     assert any(torch.count_nonzero(g[n]) for n in g if '.aux_nets.' in
                '.' + n)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from local_utils import (TINY_FCN, TINY_RETINANET, KeepGradsOptimWrapper,
-                         det_batch, grads, module_phase_peak, seg_batch,
-                         small_aux)
+                         assert_same_step, det_batch, grads,
+                         module_phase_peak, seg_batch, small_aux)
 from test_local_cascade import cascade_aux
 from test_local_learner import build
 
@@ -46,12 +46,7 @@ def test_same_losses_gradients_and_statistics(case):
     batch = batch_fn()
     (logs, g, stats), (logs_cp, g_cp, stats_cp) = \
         _step(plain, batch), _step(cp, batch)
-    for name in logs:
-        torch.testing.assert_close(logs_cp[name], logs[name], msg=name)
-    assert g.keys() == g_cp.keys()
-    for name in g:
-        torch.testing.assert_close(g_cp[name], g[name], rtol=1e-4,
-                                   atol=1e-6, msg=name)
+    assert_same_step(logs, g, logs_cp, g_cp)
     # the recomputation did not update BN statistics a second time
     for name in stats:
         torch.testing.assert_close(stats_cp[name], stats[name], msg=name)
