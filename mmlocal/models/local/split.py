@@ -38,10 +38,10 @@ def checkpoint_block(block, x):
     """
     return checkpoint(block, x, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(),
-                                          _norm_statistics_frozen(block)))
+                                          _NormStatisticsFrozen(block)))
 
 
-class _norm_statistics_frozen:
+class _NormStatisticsFrozen:
     """BN running statistics untouched while the block runs again (a class:
     a retained graph recomputes once per backward pass through it)."""
 
