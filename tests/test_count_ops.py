@@ -39,6 +39,8 @@ def test_batched_aux_targets_remove_syncs():
     # batched: the aux head adds a handful (NaN guard, L1Loss, CPU one_hot)
     assert local[True]['syncs'] <= e2e['syncs'] + 6, (e2e, local)
     assert local[True]['kernels'] < local[False]['kernels']
+    # the aux head adds compute; the target path changes none of it
+    assert local[True]['flops'] == local[False]['flops'] > e2e['flops'] > 0
 
 
 def test_cli_table():

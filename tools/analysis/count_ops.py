@@ -10,7 +10,9 @@ counts are the same on every device, so this tool measures them on the CPU
 - ``kernels``: ATen ops dispatched during ``train_step`` other than views
   and allocations (a kernel launch each on a GPU);
 - ``syncs``: ``_local_scalar_dense`` (``.item()``, ``int(t)``, ``bool(t)``)
-  and ``nonzero`` calls.
+  and ``nonzero`` calls;
+- ``GFLOP``: ``torch.utils.flop_counter`` over the same step (matmuls and
+  convolutions, forward and backward).
 
 Modes: those of ``benchmark_memory.py`` and ``stock``: the model with every
 ``mmlocal.RepLBackbone`` replaced by its inner backbone (the baseline of a
@@ -41,6 +43,7 @@ import benchmark_memory as bm  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 NOT_KERNELS = frozenset({
     'view', 't', 'reshape', 'detach', 'select', 'slice', 'expand',
@@ -111,12 +114,14 @@ def count_mode(cfg, mode, input_shape, seed=0):
             counter.paused = False
 
     optimizer.step = uncounted_step
+    flops = FlopCounterMode(display=False)
     try:
-        with counter:
+        with flops, counter:
             model.train_step(batch, optim_wrapper)
     finally:
         del optimizer.step
     return dict(kernels=counter.kernels, syncs=counter.syncs,
+                flops=flops.get_total_flops(),
                 top=counter.by_op.most_common(8))
 
 
@@ -146,13 +151,16 @@ def main(argv=None):
             print(f'{mode}: unavailable ({exc})')
     base = rows.get('stock', rows.get('e2e'))
     base_name = 'stock' if 'stock' in rows else 'e2e'
-    print(f'| mode | kernels | vs {base_name} | host syncs | most frequent |')
-    print('|---|---:|---:|---:|---|')
+    print(f'| mode | kernels | vs {base_name} | host syncs | GFLOP | vs '
+          f'{base_name} | most frequent |')
+    print('|---|---:|---:|---:|---:|---:|---|')
     for mode, r in rows.items():
         ratio = f"{r['kernels'] / base['kernels']:.2f}x" if base else '-'
+        fratio = f"{r['flops'] / base['flops']:.2f}x" \
+            if base and base['flops'] else '-'
         top = ', '.join(f'{n} {c}' for n, c in r['top'][:4])
         print(f"| {mode} | {r['kernels']} | {ratio} | {r['syncs']} | "
-              f'{top} |')
+              f"{r['flops'] / 1e9:.1f} | {fratio} | {top} |")
     return rows
 
 
