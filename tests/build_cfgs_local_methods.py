@@ -19,6 +19,9 @@ def _info(task='det', num_modules=4, module_range=(0, 2)):
 
 
 BUILD_CFGS = {
+    ('MODELS', 'SyncFreeL1Loss'): lambda: dict(loss_weight=2.0),
+    ('MODELS', 'SyncFreeSmoothL1Loss'): lambda: dict(beta=0.5),
+    ('MODELS', 'SyncFreeCrossEntropyLoss'): lambda: dict(avg_non_ignore=True),
     ('MODELS', 'HPFFAux'): lambda: dict(
         module_info=_info(), det_head=dict(feat_channels=8),
         independent_det_head=dict(feat_channels=8)),

@@ -1,6 +1,7 @@
 """Tiny local-learning models and random batches for tests."""
 import torch
 from mmengine.optim import OptimWrapper
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TINY_RETINANET = dict(
     type='mmdet.RetinaNet',
@@ -217,3 +218,20 @@ def cpu_bf16_amp_wrapper(monkeypatch, params):
     with pytest.warns(UserWarning):
         return amp_mod.AmpOptimWrapper(
             optimizer=torch.optim.SGD(params, lr=0.01), dtype='bfloat16')
+
+
+class HostReads(TorchDispatchMode):
+    """Counts ops dispatched while active (``ops``) and those that read a
+    tensor's value on the host (``count``: ``.item()``, ``bool(t)``,
+    ``nonzero``), each a wait for the device's queue on a GPU; both counts
+    are device independent."""
+    READS = ('_local_scalar_dense', 'nonzero', 'is_nonzero')
+
+    def __init__(self):
+        super().__init__()
+        self.count = self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.count += func.overloadpacket.__name__ in self.READS
+        return func(*args, **(kwargs or {}))

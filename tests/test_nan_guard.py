@@ -10,7 +10,7 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 
 import mmlocal.models.local.learner as learner_mod
-from local_utils import det_batch, small_aux
+from local_utils import HostReads, det_batch, small_aux
 from mmlocal.engine.hooks import MomentumAuxHook
 from test_local_cascade import cascade_aux
 from test_local_learner import build
@@ -87,8 +87,14 @@ def test_invalid_option_names_nan_guard():
         build(num_modules=2, nan_guard='warn')
 
 
-def test_nan_local_loss_raises_before_any_change():
-    learner = build(num_modules=3)
+def test_invalid_check_names_nan_guard_check():
+    with pytest.raises(ValueError, match='nan_guard_check'):
+        build(num_modules=2, nan_guard_check='iteration')
+
+
+@pytest.mark.parametrize('check', ['step', 'module'])
+def test_nan_local_loss_raises_before_any_change(check):
+    learner = build(num_modules=3, nan_guard_check=check)
     ow = sgd(learner)
     learner.train_step(det_batch(seed=0), ow)  # optimizer state exists now
     before = snapshot(learner, ow)
@@ -101,14 +107,42 @@ def test_nan_local_loss_raises_before_any_change():
     assert 'iteration 7' in msg and 'loss_cls=nan' in msg, msg
     assert info.value.module == 1 and info.value.iteration == 7
     assert info.value.terms == ['loss_cls']
+    assert f'nan_guard_check={check!r}' in msg, msg
     # only the parameters are compared: BN statistics of the modules that
     # ran did move (documented)
     assert_unchanged(learner, ow, before, buffers=False)
-    # the NaN loss never reached a gradient: module 0's local loss was
-    # back-propagated, module 1's was not
-    grads = [p.grad for p in learner.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert all(p.grad is None for p in learner.aux_nets[1].parameters())
+    # the model's own loss was never back-propagated
+    assert all(p.grad is None for p in learner.model.bbox_head.parameters())
+    if check == 'module':
+        # the NaN loss never reached a gradient: module 0's local loss was
+        # back-propagated, module 1's was not
+        grads = [p.grad for p in learner.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        assert all(p.grad is None for p in learner.aux_nets[1].parameters())
+        assert 'before back-propagating it' in msg
+    else:
+        # read once at the end: module 1's loss went back, module 2 ran
+        assert any(not torch.isfinite(p.grad).all()
+                   for p in learner.aux_nets[1].parameters()
+                   if p.grad is not None)
+        assert "gradients hold its backward" in msg
+
+
+@pytest.mark.parametrize('check', ['step', 'module'])
+def test_host_syncs_of_the_guard(check):
+    """'step' reads the loss flags once per iteration, 'module' once per
+    module; no guard reads none."""
+    counts = {}
+    for guard in (None, 'raise'):
+        learner = build(num_modules=3, nan_guard=guard,
+                        nan_guard_check=check)
+        ow = sgd(learner)
+        learner.train_step(det_batch(seed=0), ow)
+        with HostReads() as reads:
+            learner.train_step(det_batch(seed=1), ow)
+        counts[guard] = reads.count
+    extra = counts['raise'] - counts[None]
+    assert extra == (1 if check == 'step' else learner.num_modules), counts
 
 
 def test_iteration_from_the_models_own_count_without_runner():
@@ -270,11 +304,12 @@ def test_skip_keeps_gradient_accumulation_exact():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize('check', ['step', 'module'])
 @pytest.mark.parametrize('mode', ['raise', 'skip'])
-def test_cascade_family(mode):
+def test_cascade_family(mode, check):
     """HPFF with PFF patches: the NaN cascade loss of module 2 is caught at
-    its patch backward, after the independent loss went back."""
-    learner = build(num_modules=4, nan_guard=mode,
+    its patch backward ('module') or at the end ('step'), and named."""
+    learner = build(num_modules=4, nan_guard=mode, nan_guard_check=check,
                     aux=cascade_aux(patch_grid=2))
     ow = sgd(learner)
     fresh_hub(iteration=5)

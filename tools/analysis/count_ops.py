@@ -23,7 +23,9 @@ Each mode's model is built and trained one warm-up step as in
 without the optimizer's own ``step`` (on CUDA a few multi-tensor launches;
 on the CPU PyTorch loops over the parameters, and Adam reads its step
 counter per parameter). On the CPU mmdet's focal loss takes another path
-than on CUDA (``one_hot``: two syncs more per call here).
+than on CUDA (``one_hot``: two syncs more per call here);
+``--cuda-like-focal-loss`` makes it take the CUDA branch, so that the
+syncs counted are those of a GPU step.
 
 Example::
 
@@ -41,6 +43,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import benchmark_memory as bm  # noqa: E402
 import torch  # noqa: E402
+from cuda_like_focal_loss import cuda_like_focal_loss  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -136,6 +139,10 @@ def parse_args(argv=None):
     parser.add_argument('--input-shape', type=int, nargs=4,
                         default=[2, 3, 64, 96],
                         metavar=('N', 'C', 'H', 'W'))
+    parser.add_argument(
+        '--cuda-like-focal-loss', action='store_true',
+        help='mmdet\'s FocalLoss takes its CUDA branch on the CPU (as on a '
+        'GPU: no one_hot and its host reads)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args(argv)
 
@@ -144,11 +151,12 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = bm.load_config(args.config, args.cfg_options)
     rows = {}
-    for mode in args.modes:
-        try:
-            rows[mode] = count_mode(cfg, mode, args.input_shape)
-        except bm.ModeUnavailable as exc:
-            print(f'{mode}: unavailable ({exc})')
+    with cuda_like_focal_loss(args.cuda_like_focal_loss):
+        for mode in args.modes:
+            try:
+                rows[mode] = count_mode(cfg, mode, args.input_shape)
+            except bm.ModeUnavailable as exc:
+                print(f'{mode}: unavailable ({exc})')
     base = rows.get('stock', rows.get('e2e'))
     base_name = 'stock' if 'stock' in rows else 'e2e'
     print(f'| mode | kernels | vs {base_name} | host syncs | GFLOP | vs '

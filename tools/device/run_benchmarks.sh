@@ -6,8 +6,8 @@
 #   bash tools/device/run_benchmarks.sh          # on the GPU machine (after prepare_stack.sh)
 #   LOCAL=1 bash tools/device/run_benchmarks.sh  # CPU dry run, tiny settings
 #   STEPS=AC DEMO_NAMES="hpff mlaan" bash ...    # only some steps / demo runs
-#   FAMILY_OPTS="--cfg-options model.nan_guard=None" STEPS=AB bash ...
-#                                   # family tables without the NaN guard's syncs
+#   FAMILY_OPTS="--cfg-options model.nan_guard_check=module" STEPS=AB bash ...
+#                                   # family tables with one guard sync per module
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/devout}

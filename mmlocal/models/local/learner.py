@@ -1,6 +1,7 @@
 import copy
 import functools
 import logging
+import math
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -80,6 +81,7 @@ def _cascade_span(aux_nets):
 # ----------------------------------------------------------------------
 # NaN guard
 NAN_GUARD_MODES = ('raise', 'skip', None)
+NAN_GUARD_CHECKS = ('step', 'module')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -274,6 +276,18 @@ class LocalLearner(BaseModel):
             dropped instead (gradients and buffers restored to their state
             at its start, no step, a warning is logged) and training goes on;
             not supported with several processes. ``None``: no check.
+        nan_guard_check (str): When the guard reads the losses' finiteness
+            on the host. ``'step'`` (default): each loss's flag stays on the
+            device and all are read once, before the model's loss is
+            back-propagated and before the optimizer step (one host
+            synchronisation per iteration); a non-finite local loss of
+            module k has then already been back-propagated into this
+            iteration's gradients (``'skip'`` restores them, ``'raise'``
+            stops with no parameter or optimizer state changed) and later
+            modules have run (their BN statistics moved). ``'module'``:
+            each loss is read before it is back-propagated (one
+            synchronisation per module, or per PFF patch: a GPU waits for
+            its queue each time), so a NaN never reaches a gradient.
         checkpoint_blocks (Sequence[int]): Blocks (``split_points``
             numbering) run under activation checkpointing: each keeps only
             its input for backward and runs its forward again during the
@@ -294,6 +308,7 @@ class LocalLearner(BaseModel):
                  aux=dict(type='mmlocal.InfoProAux'),
                  attach_stages=(),
                  nan_guard='raise',
+                 nan_guard_check='step',
                  checkpoint_blocks=(),
                  init_cfg=None):
         if isinstance(model, dict):
@@ -336,6 +351,11 @@ class LocalLearner(BaseModel):
             raise ValueError(f'nan_guard={nan_guard!r} must be one of '
                              f'{NAN_GUARD_MODES}')
         self.nan_guard = nan_guard
+        if nan_guard_check not in NAN_GUARD_CHECKS:
+            raise ValueError(f'nan_guard_check={nan_guard_check!r} must be '
+                             f'one of {NAN_GUARD_CHECKS}')
+        self.nan_guard_check = nan_guard_check
+        self._pending_checks = []  # (module, device flag, terms): 'step'
         self.num_skipped_iters = 0  # by nan_guard='skip'
         self.last_iter_skipped = False  # read by MomentumAuxHook
         self._nan_guard_calls = 0
@@ -427,6 +447,7 @@ class LocalLearner(BaseModel):
             terms, ``loss_local{k}`` per module and ``local{k}.<term>``.
         """
         check_local_optim_wrapper(optim_wrapper)
+        self._pending_checks = []
         with optim_wrapper.optim_context(self):
             data = self.data_preprocessor(data, True)
         inputs, data_samples = data['inputs'], data['data_samples']
@@ -557,7 +578,8 @@ class LocalLearner(BaseModel):
         current = {}  # module k's output, for the NaN guard's message
 
         def backward(loss):
-            # terms are re-evaluated only to name them in the error
+            # 'module': terms are re-evaluated only to name them in the
+            # error; 'step': named from the logs below if the check fails
             self._check_finite(k, loss, lambda: self.aux_nets[k].loss(
                 current['h'], inputs, data_samples))
             local_backward(optim_wrapper, loss)
@@ -583,6 +605,7 @@ class LocalLearner(BaseModel):
             logs = self.aux_nets[k].backward_streams(
                 h_ind, h_cas, inputs, data_samples, backward=backward,
                 forward_context=forward_context)
+            self._name_pending_terms(k, logs)
             graphs[k].add_pending(h_ind.grad)
             grad, first = h_cas.grad, max(0, k - span + 1)
             for j in range(k, first, -1):
@@ -617,15 +640,42 @@ class LocalLearner(BaseModel):
         Called before ``loss`` is back-propagated. ``terms`` is the log dict
         of ``parse_losses`` or a callable returning the loss dict (called
         only on failure, without gradient, to name the terms).
+
+        With ``nan_guard_check='step'`` the flag of a local loss is kept on
+        the device (no host read) and every flag of the iteration is read
+        when the model's own loss (the last module) is checked.
         """
-        if self.nan_guard is None or \
-                bool(torch.isfinite(torch.as_tensor(loss).detach()).all()):
+        if self.nan_guard is None:
+            return
+        if torch.is_tensor(loss):
+            loss = loss.detach()
+            finite = torch.isfinite(loss).all()
+        else:  # a Python number (no loss terms): checked on the host
+            finite = torch.tensor(math.isfinite(loss))
+        last = k == self.num_modules - 1
+        if self.nan_guard_check == 'step':
+            self._pending_checks.append(
+                [k, finite, None if callable(terms) else terms, loss])
+            if not last:
+                return
+            pending, self._pending_checks = self._pending_checks, []
+            device = finite.device
+            if bool(torch.stack([p[1].to(device) for p in pending]).all()):
+                return
+            k, _, terms, loss = next(p for p in pending if not bool(p[1]))
+        elif bool(finite):
             return
         if callable(terms):
             try:
                 with torch.no_grad():
                     terms = self.parse_losses(terms())[1]
             except Exception:  # naming the terms is best effort
+                terms = None
+        elif terms is not None and not all(
+                torch.is_tensor(v) for v in terms.values()):
+            try:  # per-level lists (cascade logs): as parse_losses sums
+                terms = self.parse_losses(terms)[1]
+            except Exception:
                 terms = None
         bad = _nonfinite_terms(terms) or [
             f'loss={torch.as_tensor(loss).detach().float().mean().item()}']
@@ -635,12 +685,24 @@ class LocalLearner(BaseModel):
         start, end = self.module_ranges[k]
         what = "the model's own loss" if k == self.num_modules - 1 else \
             'the local loss'
+        when = ('Stopped before back-propagating it and before the '
+                'optimizer step' if k == self.num_modules - 1
+                or self.nan_guard_check == 'module' else
+                'Stopped before the optimizer step (this iteration\'s '
+                'gradients hold its backward)')
         raise NonFiniteLossError(
             f'non-finite loss: {what} of module {k} (blocks {start}-'
             f'{end - 1}) at iteration {iteration}: '
-            f'{", ".join(bad)}. Stopped before back-propagating it and before '
-            f'the optimizer step (nan_guard={self.nan_guard!r})', k,
+            f'{", ".join(bad)}. {when} (nan_guard={self.nan_guard!r}, '
+            f'nan_guard_check={self.nan_guard_check!r})', k,
             [b.split('=')[0] for b in bad], iteration)
+
+    def _name_pending_terms(self, k, terms):
+        """Give module ``k``'s deferred checks the terms known only after
+        its losses ran (the cascade families' logs)."""
+        for entry in self._pending_checks:
+            if entry[0] == k and entry[2] is None:
+                entry[2] = terms
 
     def _mark(self, name):
         if self.phase_callback is not None:

@@ -4,6 +4,7 @@ import copy
 from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule, ModuleList, Sequential
 
+from mmlocal.models.losses.sync_free_losses import sync_free_loss
 from mmlocal.registry import MODELS
 from .anchor_targets import anchor_targets, unsupported_reason
 
@@ -53,6 +54,10 @@ class DetAuxHead(BaseModule):
             ``get_targets``, no host synchronisation) when the head allows
             it (``batched_targets_unsupported`` says why not otherwise).
             ``False``: always mmdet's ``head.loss``. Default True.
+
+    A stock ``mmdet.L1Loss``/``SmoothL1Loss`` box loss of ``head`` is used
+    as :class:`~mmlocal.models.losses.SyncFreeL1Loss` (same settings, value
+    and gradient, without mmdet's host read per pyramid level).
     """
 
     def __init__(self,
@@ -121,6 +126,8 @@ class DetAuxHead(BaseModule):
         # nested builds (anchors, coder, losses, assigner) run in mmdet scope
         head.setdefault('_scope_', 'mmdet')
         self.head = MODELS.build(head)
+        # mmdet's L1/smooth L1 read `any(weight > 0)` on the host per level
+        self.head.loss_bbox = sync_free_loss(self.head.loss_bbox)
         self.batched_targets_unsupported = unsupported_reason(self.head)
         self.batched_targets = bool(batched_targets) and \
             self.batched_targets_unsupported is None

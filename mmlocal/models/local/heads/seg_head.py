@@ -1,7 +1,9 @@
 import copy
 
+import torch.nn as nn
 from mmengine.model import BaseModule
 
+from mmlocal.models.losses.sync_free_losses import sync_free_loss
 from mmlocal.registry import MODELS
 
 
@@ -23,6 +25,10 @@ class SegAuxHead(BaseModule):
         norm_cfg (dict): Norm config. Default BN.
         align_corners (bool): As the main decode head. Default False.
         ignore_index (int): Ignored label. Default 255.
+
+    Stock ``mmseg.CrossEntropyLoss`` terms are used as
+    :class:`~mmlocal.models.losses.SyncFreeCrossEntropyLoss` (same value and
+    gradient, no host read of the non-ignored pixel count).
     """
 
     def __init__(self,
@@ -53,6 +59,12 @@ class SegAuxHead(BaseModule):
         cfg.update(copy.deepcopy(head or {}))
         cfg.setdefault('_scope_', 'mmseg')
         self.head = MODELS.build(cfg)
+        # mmseg's avg_non_ignore cross-entropy counts pixels with .item()
+        if isinstance(self.head.loss_decode, nn.ModuleList):
+            self.head.loss_decode = nn.ModuleList(
+                sync_free_loss(loss) for loss in self.head.loss_decode)
+        else:
+            self.head.loss_decode = sync_free_loss(self.head.loss_decode)
 
     def loss(self, y, inputs, data_samples):
         losses = self.head.loss([y], data_samples, None)

@@ -1,0 +1,112 @@
+"""Stock box and segmentation losses without a host read per call.
+
+A host read of a device value (``.item()``, ``if tensor:``) makes the host
+wait for the GPU's queue; in a local-learning step, where the auxiliary
+heads run between the modules, each one stops the host from queueing the
+next module ahead of the device. These twins give the stock losses' values
+and gradients without such reads. :func:`sync_free_loss` swaps a stock loss
+for its twin; ``DetAuxHead`` and ``SegAuxHead`` do so for their heads.
+
+**Box losses.**
+
+mmdet's ``L1Loss.forward`` and ``SmoothL1Loss.forward`` start with
+``if weight is not None and not torch.any(weight > 0)``: a shortcut that
+returns ``(pred * weight).sum()`` when no box is positive. Reading that
+condition on the host is a device synchronisation on a GPU, once per call,
+i.e. once per pyramid level and head. The shortcut changes nothing that the
+normal path does not give too: with every weight zero the weighted loss is
+``loss_weight * sum(0) / (avg_factor + eps) = 0`` and its gradient is zero,
+and a NaN/inf prediction gives NaN both ways. So these subclasses always take
+the normal path, with mmdet's own ``l1_loss`` / ``smooth_l1_loss``.
+
+The one difference: where every weight is zero and a *target* is NaN, mmdet
+returns 0 and these NaN (box coders give finite targets, zeros for negatives).
+``reduction='none'`` keeps mmdet's behaviour (it returns a scalar there).
+
+**Cross-entropy.** mmseg's ``CrossEntropyLoss(avg_non_ignore=True)`` (the
+mean over non-ignored pixels, as PyTorch's ``ignore_index`` mean) counts
+them with ``.item()``; :class:`SyncFreeCrossEntropyLoss` passes the same
+count as a tensor ``avg_factor`` (mmseg divides by ``avg_factor + eps``
+either way). Only the softmax criterion without class weights is changed.
+"""
+from mmdet.models.losses import L1Loss, SmoothL1Loss
+from mmdet.models.losses.smooth_l1_loss import l1_loss, smooth_l1_loss
+from mmseg.models.losses import CrossEntropyLoss
+from mmseg.models.losses.cross_entropy_loss import cross_entropy
+
+from mmlocal.registry import MODELS
+
+
+def _reduction(loss, reduction_override):
+    assert reduction_override in (None, 'none', 'mean', 'sum')
+    return reduction_override if reduction_override else loss.reduction
+
+
+@MODELS.register_module()
+class SyncFreeL1Loss(L1Loss):
+    """``mmdet.L1Loss`` without the host read of its no-positive shortcut
+    (same value and gradient; see the module docstring)."""
+
+    def forward(self, pred, target, weight=None, avg_factor=None,
+                reduction_override=None):
+        reduction = _reduction(self, reduction_override)
+        if reduction == 'none':
+            return super().forward(pred, target, weight, avg_factor,
+                                   reduction_override)
+        return self.loss_weight * l1_loss(
+            pred, target, weight, reduction=reduction, avg_factor=avg_factor)
+
+
+@MODELS.register_module()
+class SyncFreeSmoothL1Loss(SmoothL1Loss):
+    """``mmdet.SmoothL1Loss`` without the host read of its no-positive
+    shortcut (same value and gradient; see the module docstring)."""
+
+    def forward(self, pred, target, weight=None, avg_factor=None,
+                reduction_override=None, **kwargs):
+        reduction = _reduction(self, reduction_override)
+        if reduction == 'none':
+            return super().forward(pred, target, weight, avg_factor,
+                                   reduction_override, **kwargs)
+        return self.loss_weight * smooth_l1_loss(
+            pred, target, weight, beta=self.beta, reduction=reduction,
+            avg_factor=avg_factor, **kwargs)
+
+
+@MODELS.register_module()
+class SyncFreeCrossEntropyLoss(CrossEntropyLoss):
+    """``mmseg.CrossEntropyLoss`` whose ``avg_non_ignore`` count of the
+    non-ignored pixels stays on the device (same value and gradient)."""
+
+    def forward(self, cls_score, label, weight=None, avg_factor=None,
+                reduction_override=None, ignore_index=-100, **kwargs):
+        reduction = reduction_override if reduction_override else \
+            self.reduction
+        if (avg_factor is None and reduction == 'mean'
+                and self.avg_non_ignore and self.class_weight is None
+                and self.cls_criterion is cross_entropy):
+            avg_factor = (label != ignore_index).sum()
+        return super().forward(cls_score, label, weight, avg_factor,
+                               reduction_override, ignore_index, **kwargs)
+
+
+def sync_free_loss(loss):
+    """The sync-free twin of a stock mmdet ``L1Loss``/``SmoothL1Loss`` or
+    mmseg ``CrossEntropyLoss`` instance (same settings); any other loss is
+    returned unchanged."""
+    if type(loss) is L1Loss:
+        twin = SyncFreeL1Loss(reduction=loss.reduction,
+                              loss_weight=loss.loss_weight)
+    elif type(loss) is SmoothL1Loss:
+        twin = SyncFreeSmoothL1Loss(beta=loss.beta, reduction=loss.reduction,
+                                    loss_weight=loss.loss_weight)
+    elif type(loss) is CrossEntropyLoss:
+        twin = SyncFreeCrossEntropyLoss(
+            use_sigmoid=loss.use_sigmoid, use_mask=loss.use_mask,
+            reduction=loss.reduction, class_weight=loss.class_weight,
+            loss_weight=loss.loss_weight, loss_name=loss.loss_name,
+            avg_non_ignore=loss.avg_non_ignore)
+    else:
+        return loss
+    twin.train(loss.training)
+    return twin
