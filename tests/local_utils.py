@@ -13,7 +13,8 @@ TINY_RETINANET = dict(
         pad_size_divisor=32),
     backbone=dict(
         type='mmdet.ResNet', depth=18, num_stages=4, out_indices=(1, 2, 3),
-        base_channels=16, frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True),
+        base_channels=16, frozen_stages=-1,
+        norm_cfg=dict(type='BN', requires_grad=True),
         norm_eval=False, style='pytorch', init_cfg=None),
     neck=dict(type='mmdet.FPN', in_channels=[32, 64, 128],
               out_channels=32, start_level=0, add_extra_convs='on_input',

@@ -12,7 +12,7 @@ def auglocal(**kwargs):
     return small_aux('mmlocal.AugLocalAux', **kwargs)
 
 
-def expected_layers(l, L, d):
+def expected_layers(l, L, d):  # noqa: E741 (the paper's l, L)
     """METHODS.md §6.3 / reference ``AuxNetwork`` ('unifSamp')."""
     if d >= L - 1 - l:
         return list(range(l + 1, L))
@@ -27,7 +27,7 @@ def expected_depth(d, k, K, c=0.5):
 @pytest.mark.parametrize('L', [9, 16, 17, 34, 55])
 @pytest.mark.parametrize('d', [1, 2, 3, 5])
 def test_uniform_sampling_formula(L, d):
-    for l in range(L - 1):
+    for l in range(L - 1):  # noqa: E741
         got = uniform_layer_indices(l, L, d)
         assert got == expected_layers(l, L, d), (l, L, d)
         assert got == sorted(set(got)) and l < got[0] and got[-1] == L - 1
@@ -58,7 +58,7 @@ def test_built_aux_nets_follow_the_formula(K, d):
     learner = build(num_modules=K, aux=auglocal(aux_depth=d))
     L = learner._seq.num_blocks + 1
     for k, aux in enumerate(learner.aux_nets):
-        l = learner.module_ranges[k][1]  # layer index of module k's output
+        l = learner.module_ranges[k][1]  # noqa: E741 (module k's output)
         assert aux.depth == expected_depth(d, k, K)
         assert aux.sampled_layers == expected_layers(l, L, aux.depth)
         assert aux.sampled_blocks == [j - 1 for j in aux.sampled_layers]

@@ -484,7 +484,8 @@ def test_check_dataset_tool_lists_all_problems(tmp_path, capsys):
     ]
     assert tool.main(argv) == 1
     out = capsys.readouterr().out
-    assert 'train: SODADataset' in out and '1 images loaded, 2 malformed' in out
+    assert 'train: SODADataset' in out
+    assert '1 images loaded, 2 malformed' in out
     assert "000002.xml: object #0 has class name 'bulldozer'" in out
     assert "000003.xml: object #1 ('fence') has box" in out
     assert 'test: SODADataset' in out and '1 images loaded, 0 malformed' in out
