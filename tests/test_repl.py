@@ -357,6 +357,20 @@ def test_gradients_reach_both_neighbours_and_transforms_vit(layer):
     _exact_grads(VIT, SCALAR, interval=2, layer=layer)
 
 
+def test_grouped_vectors_get_their_own_storage():
+    """Norm vectors mixed in one call are returned contiguous: PyTorch's CPU
+    ``batch_norm`` gives a wrong input gradient for a 1x1 input with a
+    strided weight (found with the exact-gradient test above; the layer4
+    maps of a 32 px image are 1x1)."""
+    model = repl(R50, interval=2, transform=SCALAR, layer='full')
+    rep = model.replacements['layer4_1']
+    tensors = rep.synthesize()
+    vectors = {k: t for k, t in tensors.items() if t.dim() == 1}
+    assert len(vectors) >= 4  # bn1/bn2 weight and bias share one call
+    assert all(t.is_contiguous() and t.storage_offset() == 0
+               for t in vectors.values())
+
+
 def test_gradients_light_resnet18_lowrank():
     """Light BasicBlocks (conv1 skipped) with the low-rank transform: the
     gradients of every parameter equal those of the folded stock model,

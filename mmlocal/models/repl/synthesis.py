@@ -326,10 +326,11 @@ class BlockReplacement(nn.Module):
             mixed = transform(*(torch.stack(
                 [pairs[item][i] for item in items], dim=1) for i in (0, 1)))
             for item, part in zip(items, mixed.unbind(dim=1)):
-                # own storage: with strided views of one buffer the stock
-                # block's gradients came out wrong (test_repl's exact-
-                # gradient test of layer='full', ResNet-50; cause not
-                # isolated, single ops on such views are right)
+                # own storage: PyTorch's CPU batch_norm back-propagates a
+                # wrong *input* gradient when the input's spatial size is
+                # 1x1 and its weight is a strided view (torch 2.14;
+                # forward and weight gradients are right) -- ResNet-50's
+                # layer4 on a 32 px image in test_repl's exact-gradient test
                 out[item] = part.contiguous()
         return {item: out[item] for item in self.synthesized}
 
