@@ -6,6 +6,7 @@
 #   bash tools/device/run_benchmarks.sh          # on the GPU machine (after prepare_stack.sh)
 #   LOCAL=1 bash tools/device/run_benchmarks.sh  # CPU dry run, tiny settings
 #   STEPS=AC DEMO_NAMES="hpff mlaan" bash ...    # only some steps / demo runs
+#   STEPS=ABDF bash ...             # F (batch-8 regime check) runs only when named
 #   FAMILY_OPTS="--cfg-options model.nan_guard_check=module" STEPS=AB bash ...
 #                                   # family tables with one guard sync per module
 set -u
@@ -133,6 +134,22 @@ timeout $((TO * 200)) $PY tools/analysis/benchmark_repl.py \
     $R/repl_upernet_vit-b16_mln_i2_8xb2-80k_cityscapes-512x1024.py $R/repl_upernet_vit-b16_mln_i3_8xb2-80k_cityscapes-512x1024.py \
     $REPL --json "$OUT/repl.json" > "$L/repl.log" 2>&1
 tail -n 30 "$L/repl.log"
+
+fi
+if [[ "${STEPS:-}" == *F* ]]; then  # only when asked for: STEPS=F
+# regime check: at 8 images per GPU a step is bound by the device, not by
+# launches; do RepL (fewer FLOPs, more kernels) and MAN (more FLOPs and
+# kernels) then move towards their FLOP ratios?
+stamp 'F: batch 8 (RepL i2/i3, MAN K4; RetinaNet)'
+F8=${F8:-"--input-shape 8 3 800 1333 --iters 4 --warmup 1 --device cuda"}
+timeout $((TO * 150)) $PY tools/analysis/benchmark_repl.py \
+    configs/repl/repl_retinanet_r50_fpn_i2_8xb2-1x_coco.py configs/repl/repl_retinanet_r50_fpn_i3_8xb2-1x_coco.py \
+    $F8 --json "$OUT/repl_b8.json" > "$L/repl_b8.log" 2>&1
+tail -n 12 "$L/repl_b8.log"
+timeout $((TO * 150)) $PY tools/analysis/benchmark_local_methods.py \
+    man=$C/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
+    $F8 --json "$OUT/families_b8.json" > "$L/families_b8.log" 2>&1
+tail -n 6 "$L/families_b8.log"
 
 fi
 stamp 'E: CUDA tests'
