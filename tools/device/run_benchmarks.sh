@@ -25,6 +25,7 @@ if [[ -n "${LOCAL:-}" ]]; then
     DET="--input-shape 1 3 128 160 --iters 1 --warmup 0 --device cpu"
     SEG="--input-shape 2 3 128 128 --iters 1 --warmup 0 --device cpu"
     DEMO_ITERS=2; TO=1; REPL="--iters 1 --warmup 0 --device cpu --input-shape 2 3 128 128"
+    F8=${F8:-"--input-shape 2 3 128 160 --iters 1 --warmup 0 --device cpu"}
 else
     PY=python3
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
