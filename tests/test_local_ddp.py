@@ -60,6 +60,25 @@ def test_two_ranks_equal_single_process_on_the_combined_batch(
     assert len(r0) > 50
 
 
+def test_skip_is_agreed_by_every_process(worker_states):
+    """nan_guard='skip' with two processes: rank 1's NaN drops the
+    iteration on both ranks, which then equal one process that never saw
+    it."""
+    _assert_ranks_equal_single(worker_states, '_skip')
+    for tag in ('rank0', 'rank1'):
+        assert int(worker_states(tag, '_skip_count')) == 1
+    assert int(worker_states('single', '_skip_count')) == 0
+
+
+def test_raise_stops_every_process(worker_states):
+    """nan_guard='raise': the process with the NaN names its module, the
+    other stops too (instead of waiting in the gradient all-reduce)."""
+    r0, r1 = worker_states('rank0', '_raise'), worker_states('rank1',
+                                                             '_raise')
+    assert r1 == dict(module=0, another=0), r1
+    assert r0 == dict(module=-1, another=1), r0
+
+
 def test_man_ema_copies_identical_across_ranks(worker_states):
     """MAN: the EMA copies (updated by MomentumAuxHook after each averaged
     step) are bit-identical on both ranks and equal the single-process run

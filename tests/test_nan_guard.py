@@ -340,12 +340,3 @@ def test_cascade_family(mode, check):
     del aux.cascade_loss
     out = learner.train_step(det_batch(seed=2), ow)
     assert torch.isfinite(out['loss']) and changed(learner, before)
-
-
-def test_skip_refused_with_several_processes(monkeypatch):
-    import mmlocal.engine.model_wrappers.local_ddp as local_ddp
-    learner = build(num_modules=2, nan_guard='skip')
-    monkeypatch.setattr(local_ddp, '_distributed', lambda: True)
-    monkeypatch.setattr(local_ddp.dist, 'get_world_size', lambda: 2)
-    with pytest.raises(ValueError, match="nan_guard='skip'"):
-        local_ddp.LocalDistributedDataParallel(learner)

@@ -14,7 +14,15 @@ and saves their state dicts to OUT/<tag><suffix>.pt (tag ``rank0``,
 - ``'_man_cp'``: ``'_man'`` with ``with_cp=True`` (checkpointing inside
   the aux nets);
 - ``'_man_cpb'``: ``'_man_cp'`` with ``checkpoint_blocks`` (backbone blocks
-  of both modules recomputed in the local backward).
+  of both modules recomputed in the local backward);
+- ``'_skip'``: ``nan_guard='skip'``, SKIP_ITERS iterations; under torchrun
+  rank 1's local loss is NaN at iteration 1, so every rank drops it; the
+  single process trains on the other iterations only. Also saves
+  ``<tag>_skip_count.pt`` (``num_skipped_iters``);
+- ``'_raise'`` (torchrun only): ``nan_guard='raise'``, rank 1's local loss
+  NaN at iteration 0; every rank saves what it raised
+  (``<tag>_raise.pt``: the error's ``module``, -1 for None, and whether it
+  blames another process).
 """
 import os
 import sys
@@ -95,6 +103,54 @@ def train(model, rank, world, distributed, amp=False, hook=None):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+SKIP_ITERS, POISONED = 3, 1
+
+
+def poison(model, rank, when):
+    """Rank 1's module-0 local loss is NaN while ``when()`` is true."""
+    aux = model.aux_nets[0]
+    original = aux.loss
+
+    def loss(h, inputs, samples):
+        losses = dict(original(h, inputs, samples))
+        if rank == 1 and when():
+            losses = {k: v * float('nan') for k, v in losses.items()}
+        return losses
+
+    aux.loss = loss
+
+
+def train_guarded(rank, world, distributed, guard):
+    from mmlocal.models.local.learner import NonFiniteLossError
+    model = build(learner=dict(nan_guard=guard))
+    state = dict(it=0)
+    poison(model, rank, lambda: distributed and state['it'] == (
+        POISONED if guard == 'skip' else 0))
+    learner = model
+    if distributed:
+        from mmlocal.engine.model_wrappers import \
+            LocalDistributedDataParallel
+        model = LocalDistributedDataParallel(model)
+    ow = OptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
+    for it in range(SKIP_ITERS):
+        state['it'] = it
+        if not distributed and it == POISONED:
+            continue  # what the ranks drop
+        batch = seg_batch(n=4, size=32, seed=it, ignore=False)
+        if distributed:
+            per = 4 // world
+            batch = {k: v[rank * per:(rank + 1) * per]
+                     for k, v in batch.items()}
+        try:
+            model.train_step(batch, ow)
+        except NonFiniteLossError as exc:
+            return dict(module=-1 if exc.module is None else exc.module,
+                        another=int('another process' in str(exc)))
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()
+            }, learner.num_skipped_iters
+
+
 def main(out_dir):
     distributed = 'RANK' in os.environ
     if distributed:
@@ -120,6 +176,13 @@ def main(out_dir):
         state = train(rank=rank, world=world, distributed=distributed,
                       **kwargs)
         torch.save(state, os.path.join(out_dir, f'{tag}{suffix}.pt'))
+    state, skipped = train_guarded(rank, world, distributed, 'skip')
+    torch.save(state, os.path.join(out_dir, f'{tag}_skip.pt'))
+    torch.save(torch.tensor(skipped),
+               os.path.join(out_dir, f'{tag}_skip_count.pt'))
+    if distributed:
+        raised = train_guarded(rank, world, distributed, 'raise')
+        torch.save(raised, os.path.join(out_dir, f'{tag}_raise.pt'))
     if distributed:
         dist.destroy_process_group()
 

@@ -104,14 +104,6 @@ class LocalDistributedDataParallel(nn.Module):
         check_sync_bn_device(module)
         self.module = module
         self.bucket_bytes = int(bucket_size_mb * 2**20)
-        if _distributed() and dist.get_world_size() > 1 and \
-                getattr(module, 'nan_guard', None) == 'skip':
-            # a rank that drops an iteration would leave the others waiting
-            # in the gradient all-reduce
-            raise ValueError(
-                "nan_guard='skip' is not supported with several processes "
-                '(the ranks would disagree on which iterations step); use '
-                "nan_guard='raise'")
         if not _distributed():
             warnings.warn('LocalDistributedDataParallel without an '
                           'initialised process group: single-process '

@@ -6,6 +6,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from mmengine.logging import MessageHub, print_log
 from mmengine.model import BaseModel, ModuleList
@@ -91,7 +92,9 @@ class NonFiniteLossError(FloatingPointError):
     is back-propagated and before any optimizer step of the iteration.
 
     Attributes:
-        module (int): Index of the module whose loss is not finite.
+        module (int | None): Index of the module whose loss is not
+            finite; None when only another process's loss is not finite
+            (distributed runs stop or skip together).
         terms (list[str]): Names of the non-finite loss terms (``['loss']``
             when only their sum is known).
         iteration (int): The iteration (``runner.iter``, 0-based, from
@@ -104,6 +107,19 @@ class NonFiniteLossError(FloatingPointError):
         self.module = module
         self.terms = list(terms)
         self.iteration = iteration
+
+
+def _all_ranks(flag):
+    """``bool(flag)`` (a 0-dim tensor), AND-ed over the processes of a
+    distributed run with one all-reduce, so that every process raises or
+    skips the same iteration (no process is left waiting in the gradient
+    all-reduce of a step the others dropped)."""
+    if not (dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return bool(flag)
+    flag = flag.to(torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def _nonfinite_terms(terms):
@@ -270,12 +286,13 @@ class LocalLearner(BaseModel):
         nan_guard (str | None): What a NaN/inf local loss or model loss
             does. ``'raise'`` (default): a :class:`NonFiniteLossError`
             (a ``FloatingPointError``) naming the module, the non-finite
-            terms and the iteration, raised before that loss is
-            back-propagated and before the optimizer step, so no parameter
-            and no optimizer state changes. ``'skip'``: the iteration is
-            dropped instead (gradients and buffers restored to their state
-            at its start, no step, a warning is logged) and training goes on;
-            not supported with several processes. ``None``: no check.
+            terms and the iteration, raised before the optimizer step (see
+            ``nan_guard_check`` for when), so no parameter and no optimizer
+            state changes. ``'skip'``: the iteration is dropped instead
+            (gradients and buffers restored to their state at its start, no
+            step, a warning is logged) and training goes on. With several
+            processes the flags are AND-ed over them (one all-reduce per
+            host read): all raise or all skip. ``None``: no check.
         nan_guard_check (str): When the guard reads the losses' finiteness
             on the host. ``'step'`` (default): each loss's flag stays on the
             device and all are read once, before the model's loss is
@@ -660,11 +677,17 @@ class LocalLearner(BaseModel):
                 return
             pending, self._pending_checks = self._pending_checks, []
             device = finite.device
-            if bool(torch.stack([p[1].to(device) for p in pending]).all()):
+            if _all_ranks(torch.stack([p[1].to(device)
+                                       for p in pending]).all()):
                 return
-            k, _, terms, loss = next(p for p in pending if not bool(p[1]))
-        elif bool(finite):
+            bad = [p for p in pending if not bool(p[1])]
+            if not bad:
+                self._raise_for_another_process()
+            k, _, terms, loss = bad[0]
+        elif _all_ranks(finite):
             return
+        elif bool(finite):
+            self._raise_for_another_process()
         if callable(terms):
             try:
                 with torch.no_grad():
@@ -696,6 +719,16 @@ class LocalLearner(BaseModel):
             f'{", ".join(bad)}. {when} (nan_guard={self.nan_guard!r}, '
             f'nan_guard_check={self.nan_guard_check!r})', k,
             [b.split('=')[0] for b in bad], iteration)
+
+    def _raise_for_another_process(self):
+        hub_iter = MessageHub.get_current_instance().get_info('iter')
+        iteration = hub_iter if isinstance(hub_iter, int) else \
+            self._nan_guard_calls - 1
+        raise NonFiniteLossError(
+            f'non-finite loss in another process at iteration {iteration} '
+            '(the losses of this one are finite). Stopped before the '
+            f'optimizer step (nan_guard={self.nan_guard!r}, every process '
+            'stops or skips together)', None, [], iteration)
 
     def _name_pending_terms(self, k, terms):
         """Give module ``k``'s deferred checks the terms known only after
