@@ -702,9 +702,7 @@ class LocalLearner(BaseModel):
                 terms = None
         bad = _nonfinite_terms(terms) or [
             f'loss={torch.as_tensor(loss).detach().float().mean().item()}']
-        hub_iter = MessageHub.get_current_instance().get_info('iter')
-        iteration = hub_iter if isinstance(hub_iter, int) else \
-            self._nan_guard_calls - 1
+        iteration = self._guard_iteration()
         start, end = self.module_ranges[k]
         what = "the model's own loss" if k == self.num_modules - 1 else \
             'the local loss'
@@ -720,10 +718,15 @@ class LocalLearner(BaseModel):
             f'nan_guard_check={self.nan_guard_check!r})', k,
             [b.split('=')[0] for b in bad], iteration)
 
-    def _raise_for_another_process(self):
+    def _guard_iteration(self):
+        """``runner.iter`` from mmengine's MessageHub, else the model's own
+        0-based count of ``train_step`` calls."""
         hub_iter = MessageHub.get_current_instance().get_info('iter')
-        iteration = hub_iter if isinstance(hub_iter, int) else \
+        return hub_iter if isinstance(hub_iter, int) else \
             self._nan_guard_calls - 1
+
+    def _raise_for_another_process(self):
+        iteration = self._guard_iteration()
         raise NonFiniteLossError(
             f'non-finite loss in another process at iteration {iteration} '
             '(the losses of this one are finite). Stopped before the '
