@@ -147,3 +147,19 @@ def test_local_step_adds_one_host_read_to_the_plain_model(task, aux):
         local = _host_reads_of_step(learner, batch)
         plain = _host_reads_of_step(learner.model, batch)
     assert local == plain + 1, (local, plain)
+
+
+def test_aux_heads_use_the_twins():
+    from mmlocal.models.local.heads import DetAuxHead, SegAuxHead
+    with DefaultScope.overwrite_default_scope('mmlocal'):
+        seg = SegAuxHead(8, 3, channels=8)
+        both = SegAuxHead(8, 3, channels=8, head=dict(loss_decode=[
+            dict(type='mmseg.CrossEntropyLoss', avg_non_ignore=True),
+            dict(type='mmseg.DiceLoss')
+        ]))
+        det = DetAuxHead(8, 8, 3, feat_channels=8)
+    assert type(seg.head.loss_decode) is SyncFreeCrossEntropyLoss
+    assert [type(m).__name__ for m in both.head.loss_decode] == [
+        'SyncFreeCrossEntropyLoss', 'DiceLoss'
+    ]
+    assert type(det.head.loss_bbox) is SyncFreeL1Loss
