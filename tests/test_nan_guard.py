@@ -128,6 +128,39 @@ def test_nan_local_loss_raises_before_any_change(check):
         assert "gradients hold its backward" in msg
 
 
+@pytest.mark.parametrize('mode', ['raise', 'skip'])
+def test_a_later_failure_after_a_nan_names_the_nan(mode):
+    """'step' reads the flags at the end; when a later module fails first
+    (an assigner given NaN costs), the NaN is still what is reported (and
+    skipped); without a NaN the failure propagates unchanged."""
+    learner = build(num_modules=3, nan_guard=mode)
+    ow = sgd(learner)
+    learner.train_step(det_batch(seed=0), ow)
+    before = snapshot(learner, ow)
+    aux = learner.aux_nets[1]
+
+    def broken(h, inputs, samples):
+        raise ValueError('matrix contains invalid numeric entries')
+
+    aux.loss = broken
+    undo = poison_aux(learner, 0)
+    fresh_hub(iteration=4)
+    if mode == 'raise':
+        with pytest.raises(FloatingPointError) as info:
+            learner.train_step(det_batch(seed=1), ow)
+        msg = str(info.value)
+        assert info.value.module == 0 and blocks(learner, 0) in msg, msg
+        assert 'ValueError: matrix contains invalid' in msg
+        assert isinstance(info.value.__cause__, ValueError)
+    else:
+        assert learner.train_step(det_batch(seed=1), ow) == {}
+        assert learner.num_skipped_iters == 1
+    assert_unchanged(learner, ow, before, buffers=mode == 'skip')
+    undo()  # no NaN: the failure is the failure
+    with pytest.raises(ValueError, match='invalid numeric'):
+        learner.train_step(det_batch(seed=2), ow)
+
+
 @pytest.mark.parametrize('check', ['step', 'module'])
 def test_host_syncs_of_the_guard(check):
     """'step' reads the loss flags once per iteration, 'module' once per

@@ -19,6 +19,8 @@ and saves their state dicts to OUT/<tag><suffix>.pt (tag ``rank0``,
   rank 1's local loss is NaN at iteration 1, so every rank drops it; the
   single process trains on the other iterations only. Also saves
   ``<tag>_skip_count.pt`` (``num_skipped_iters``);
+- ``'_skip_cascade'``: ``'_skip'`` with HPFF (PFF 2x2) and
+  ``nan_guard_check='module'`` (one agreed read per module and patch);
 - ``'_raise'`` (torchrun only): ``nan_guard='raise'``, rank 1's local loss
   NaN at iteration 0; every rank saves what it raised
   (``<tag>_raise.pt``: the error's ``module``, -1 for None, and whether it
@@ -109,7 +111,8 @@ SKIP_ITERS, POISONED = 3, 1
 def poison(model, rank, when):
     """Rank 1's module-0 local loss is NaN while ``when()`` is true."""
     aux = model.aux_nets[0]
-    original = aux.loss
+    name = 'cascade_loss' if hasattr(aux, 'cascade_loss') else 'loss'
+    original = getattr(aux, name)
 
     def loss(h, inputs, samples):
         losses = dict(original(h, inputs, samples))
@@ -117,12 +120,29 @@ def poison(model, rank, when):
             losses = {k: v * float('nan') for k, v in losses.items()}
         return losses
 
-    aux.loss = loss
+    setattr(aux, name, loss)
 
 
-def train_guarded(rank, world, distributed, guard):
+def build_cascade(**learner):
+    """HPFF with PFF 2x2, GroupNorm heads."""
+    cfg = gn_fcn_learner_cfg()
+    gn = dict(type='GN', num_groups=4, requires_grad=True)
+    head = dict(channels=16, norm_cfg=gn, head=dict(dropout_ratio=0.0))
+    cfg['aux'].update(type='mmlocal.HPFFAux', patch_grid=2,
+                      independent_seg_head=head)
+    cfg.update(learner)
+    cfg['model']['backbone']['zero_init_residual'] = False
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(ConfigDict(cfg))
+    model.init_weights()
+    return model
+
+
+def train_guarded(rank, world, distributed, guard, cascade=False):
     from mmlocal.models.local.learner import NonFiniteLossError
-    model = build(learner=dict(nan_guard=guard))
+    model = build_cascade(nan_guard=guard, nan_guard_check='module') \
+        if cascade else build(learner=dict(nan_guard=guard))
     state = dict(it=0)
     poison(model, rank, lambda: distributed and state['it'] == (
         POISONED if guard == 'skip' else 0))
@@ -176,10 +196,12 @@ def main(out_dir):
         state = train(rank=rank, world=world, distributed=distributed,
                       **kwargs)
         torch.save(state, os.path.join(out_dir, f'{tag}{suffix}.pt'))
-    state, skipped = train_guarded(rank, world, distributed, 'skip')
-    torch.save(state, os.path.join(out_dir, f'{tag}_skip.pt'))
-    torch.save(torch.tensor(skipped),
-               os.path.join(out_dir, f'{tag}_skip_count.pt'))
+    for suffix, cascade in (('_skip', False), ('_skip_cascade', True)):
+        state, skipped = train_guarded(rank, world, distributed, 'skip',
+                                       cascade)
+        torch.save(state, os.path.join(out_dir, f'{tag}{suffix}.pt'))
+        torch.save(torch.tensor(skipped),
+                   os.path.join(out_dir, f'{tag}{suffix}_count.pt'))
     if distributed:
         raised = train_guarded(rank, world, distributed, 'raise')
         torch.save(raised, os.path.join(out_dir, f'{tag}_raise.pt'))

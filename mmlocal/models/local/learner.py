@@ -109,13 +109,28 @@ class NonFiniteLossError(FloatingPointError):
         self.iteration = iteration
 
 
+def _world_size():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _detached(terms):
+    """A log dict without autograd history (kept until the deferred read)."""
+    if not isinstance(terms, dict):
+        return terms
+    return {
+        name: value.detach() if torch.is_tensor(value) else value
+        for name, value in terms.items()
+    }
+
+
 def _all_ranks(flag):
     """``bool(flag)`` (a 0-dim tensor), AND-ed over the processes of a
     distributed run with one all-reduce, so that every process raises or
     skips the same iteration (no process is left waiting in the gradient
     all-reduce of a step the others dropped)."""
-    if not (dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1):
+    if _world_size() == 1:
         return bool(flag)
     flag = flag.to(torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -163,15 +178,28 @@ def _nan_guarded(train_step):
     """Wrap ``LocalLearner.train_step`` with the ``nan_guard='skip'``
     behaviour (``'raise'`` and ``None`` just run it)."""
 
+    def run(self, data, optim_wrapper):
+        try:
+            return train_step(self, data, optim_wrapper)
+        except NonFiniteLossError:
+            raise
+        except Exception as exc:
+            # nan_guard_check='step': a NaN of an earlier module may be what
+            # made a later part fail (an assigner given NaN costs); read the
+            # flags now (the other processes wait in the same read)
+            if self.nan_guard is not None and self._pending_checks:
+                self._read_pending_checks(cause=exc)
+            raise
+
     @functools.wraps(train_step)
     def guarded(self, data, optim_wrapper):
         self._nan_guard_calls += 1
         self.last_iter_skipped = False
         if self.nan_guard != 'skip':
-            return train_step(self, data, optim_wrapper)
+            return run(self, data, optim_wrapper)
         state = _IterationState(self)
         try:
-            return train_step(self, data, optim_wrapper)
+            return run(self, data, optim_wrapper)
         except NonFiniteLossError as exc:
             state.restore()
             self.last_iter_skipped = True
@@ -667,34 +695,52 @@ class LocalLearner(BaseModel):
         if torch.is_tensor(loss):
             loss = loss.detach()
             finite = torch.isfinite(loss).all()
-        else:  # a Python number (no loss terms): checked on the host
-            finite = torch.tensor(math.isfinite(loss))
-        last = k == self.num_modules - 1
+        else:  # a Python number (no loss terms)
+            finite = torch.tensor(
+                math.isfinite(loss),
+                device=next(self.parameters()).device)
         if self.nan_guard_check == 'step':
             self._pending_checks.append(
-                [k, finite, None if callable(terms) else terms, loss])
-            if not last:
-                return
-            pending, self._pending_checks = self._pending_checks, []
-            device = finite.device
-            if _all_ranks(torch.stack([p[1].to(device)
-                                       for p in pending]).all()):
-                return
-            bad = [p for p in pending if not bool(p[1])]
-            if not bad:
-                self._raise_for_another_process()
-            k, _, terms, loss = bad[0]
-        elif _all_ranks(finite):
+                [k, finite, None if callable(terms) else _detached(terms),
+                 loss])
+            if k == self.num_modules - 1:
+                self._read_pending_checks()
             return
-        elif bool(finite):
+        if _all_ranks(finite):
+            return
+        if bool(finite):
             self._raise_for_another_process()
         if callable(terms):
-            try:
-                with torch.no_grad():
-                    terms = self.parse_losses(terms())[1]
-            except Exception:  # naming the terms is best effort
-                terms = None
-        elif terms is not None and not all(
+            # re-running an aux loss on one process only could meet the
+            # collectives of SyncBN layers on the others: not when several
+            terms = None if _world_size() > 1 else self._named_terms(terms)
+        self._raise_nonfinite(k, loss, terms)
+
+    def _read_pending_checks(self, cause=None):
+        """Read the deferred flags once (AND-ed over the processes) and
+        raise for the first non-finite loss; ``cause`` is the exception a
+        later module raised (e.g. an assigner given NaN costs), if any."""
+        pending, self._pending_checks = self._pending_checks, []
+        if not pending:
+            return
+        device = pending[-1][1].device
+        if _all_ranks(torch.stack([p[1].to(device) for p in pending]).all()):
+            return
+        bad = [p for p in pending if not bool(p[1])]
+        if not bad:
+            self._raise_for_another_process(cause)
+        k, _, terms, loss = bad[0]
+        self._raise_nonfinite(k, loss, terms, cause)
+
+    def _named_terms(self, make_losses):
+        try:  # naming the terms is best effort
+            with torch.no_grad():
+                return self.parse_losses(make_losses())[1]
+        except Exception:
+            return None
+
+    def _raise_nonfinite(self, k, loss, terms, cause=None):
+        if terms is not None and not all(
                 torch.is_tensor(v) for v in terms.values()):
             try:  # per-level lists (cascade logs): as parse_losses sums
                 terms = self.parse_losses(terms)[1]
@@ -711,12 +757,15 @@ class LocalLearner(BaseModel):
                 or self.nan_guard_check == 'module' else
                 'Stopped before the optimizer step (this iteration\'s '
                 'gradients hold its backward)')
+        if cause is not None:
+            when = (f'A later part of the step then failed '
+                    f'({type(cause).__name__}: {cause}). ' + when)
         raise NonFiniteLossError(
             f'non-finite loss: {what} of module {k} (blocks {start}-'
             f'{end - 1}) at iteration {iteration}: '
             f'{", ".join(bad)}. {when} (nan_guard={self.nan_guard!r}, '
             f'nan_guard_check={self.nan_guard_check!r})', k,
-            [b.split('=')[0] for b in bad], iteration)
+            [b.split('=')[0] for b in bad], iteration) from cause
 
     def _guard_iteration(self):
         """``runner.iter`` from mmengine's MessageHub, else the model's own
@@ -725,7 +774,9 @@ class LocalLearner(BaseModel):
         return hub_iter if isinstance(hub_iter, int) else \
             self._nan_guard_calls - 1
 
-    def _raise_for_another_process(self):
+    def _raise_for_another_process(self, cause=None):
+        if cause is not None:  # this process failed on its own
+            raise cause
         iteration = self._guard_iteration()
         raise NonFiniteLossError(
             f'non-finite loss in another process at iteration {iteration} '

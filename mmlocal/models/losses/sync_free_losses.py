@@ -21,7 +21,12 @@ the normal path, with mmdet's own ``l1_loss`` / ``smooth_l1_loss``.
 
 The one difference: where every weight is zero and a *target* is NaN, mmdet
 returns 0 and these NaN (box coders give finite targets, zeros for negatives).
-``reduction='none'`` keeps mmdet's behaviour (it returns a scalar there).
+``reduction='none'``, and a sum with an ``avg_factor`` (an error in mmdet
+unless no weight is positive), keep mmdet's forward.
+
+Equal means bit-identical on the CPU (tested); on CUDA a division by a
+device tensor ``avg_factor`` instead of a host number may round differently
+in the last bit.
 
 **Cross-entropy.** mmseg's ``CrossEntropyLoss(avg_non_ignore=True)`` (the
 mean over non-ignored pixels, as PyTorch's ``ignore_index`` mean) counts
@@ -42,6 +47,14 @@ def _reduction(loss, reduction_override):
     return reduction_override if reduction_override else loss.reduction
 
 
+def _stock_path(reduction, avg_factor):
+    """Where mmdet's no-positive shortcut gives what the normal path does
+    not: a scalar for ``'none'``, 0 instead of its error for a sum with an
+    ``avg_factor``. These calls keep mmdet's forward (and its host read)."""
+    return reduction == 'none' or (reduction == 'sum'
+                                   and avg_factor is not None)
+
+
 @MODELS.register_module()
 class SyncFreeL1Loss(L1Loss):
     """``mmdet.L1Loss`` without the host read of its no-positive shortcut
@@ -50,7 +63,7 @@ class SyncFreeL1Loss(L1Loss):
     def forward(self, pred, target, weight=None, avg_factor=None,
                 reduction_override=None):
         reduction = _reduction(self, reduction_override)
-        if reduction == 'none':
+        if _stock_path(reduction, avg_factor):
             return super().forward(pred, target, weight, avg_factor,
                                    reduction_override)
         return self.loss_weight * l1_loss(
@@ -65,7 +78,7 @@ class SyncFreeSmoothL1Loss(SmoothL1Loss):
     def forward(self, pred, target, weight=None, avg_factor=None,
                 reduction_override=None, **kwargs):
         reduction = _reduction(self, reduction_override)
-        if reduction == 'none':
+        if _stock_path(reduction, avg_factor):
             return super().forward(pred, target, weight, avg_factor,
                                    reduction_override, **kwargs)
         return self.loss_weight * smooth_l1_loss(

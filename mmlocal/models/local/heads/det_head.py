@@ -1,6 +1,7 @@
 import collections
 import copy
 
+import torch.nn as nn
 from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule, ModuleList, Sequential
 
@@ -127,7 +128,8 @@ class DetAuxHead(BaseModule):
         head.setdefault('_scope_', 'mmdet')
         self.head = MODELS.build(head)
         # mmdet's L1/smooth L1 read `any(weight > 0)` on the host per level
-        self.head.loss_bbox = sync_free_loss(self.head.loss_bbox)
+        if isinstance(getattr(self.head, 'loss_bbox', None), nn.Module):
+            self.head.loss_bbox = sync_free_loss(self.head.loss_bbox)
         self.batched_targets_unsupported = unsupported_reason(self.head)
         self.batched_targets = bool(batched_targets) and \
             self.batched_targets_unsupported is None
