@@ -53,3 +53,21 @@ def test_cli_table():
             for line in proc.stdout.splitlines() if line.startswith('| ')}
     # as on a GPU: local adds one host read (the NaN guard's) to e2e's
     assert int(rows['local'][4]) == int(rows['e2e'][4]) + 1, proc.stdout
+
+
+def test_parts_attribute_the_calls_of_submodules():
+    """``parts``: the aux net's own count (its ``loss`` call) covers its
+    children's; a pattern matches by dot-separated segment."""
+    import benchmark_memory as bm
+    r = count_ops.count_mode(bm.load_config(BASE), 'local', (1, 3, 64, 64),
+                             parts=('aux_nets.*', 'aux_nets.*.*'))
+    parts = r['parts']
+    assert 'aux_nets.0' in parts and 'aux_nets.0.task_head' in parts
+    assert not any(n.count('.') > 2 for n in parts)  # no grandchildren
+    children = [v for n, v in parts.items() if n.startswith('aux_nets.0.')]
+    total = parts['aux_nets.0']
+    assert all(c['kernels'] > 0 for c in children), parts
+    assert total['kernels'] >= sum(c['kernels'] for c in children)
+    assert 0 < total['flops'] <= r['flops']
+    assert count_ops._matches('aux_nets.0.lb', 'aux_nets.*.*')
+    assert not count_ops._matches('aux_nets.0.lb.conv1', 'aux_nets.*.*')

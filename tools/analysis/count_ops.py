@@ -27,15 +27,20 @@ than on CUDA (``one_hot``: two syncs more per call here);
 ``--cuda-like-focal-loss`` makes it take the CUDA branch, so that the
 syncs counted are those of a GPU step.
 
+``--parts PATTERN ...`` adds the kernels and FLOPs of the calls (``forward``,
+or ``loss`` where a part has one) of the matching submodules (e.g.
+``'aux_nets.*.*'``: each part of each aux net); backward is not attributed.
+
 Example::
 
     python tools/analysis/count_ops.py \\
         configs/local/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py \\
-        --modes e2e local --input-shape 2 3 64 96
+        --modes e2e local --input-shape 2 3 64 96 --parts 'aux_nets.*.*'
 """
 import argparse
 import collections
 import copy
+import fnmatch
 import os.path as osp
 import sys
 
@@ -80,8 +85,79 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_mode(cfg, mode, input_shape, seed=0):
-    """``{'kernels', 'syncs', 'top'}`` of one ``train_step`` of ``mode``."""
+def _matches(name, pattern):
+    """``fnmatch`` per dot-separated segment: ``'aux_nets.*.*'`` matches
+    ``aux_nets.0.lb``, not ``aux_nets.0.lb.conv1``."""
+    names, pats = name.split('.'), pattern.split('.')
+    return len(names) == len(pats) and all(
+        fnmatch.fnmatchcase(n, p) for n, p in zip(names, pats))
+
+
+class PartCounter:
+    """Kernels and FLOPs of the calls of the submodules whose qualified
+    names match ``patterns`` (per segment, e.g. ``'aux_nets.*.*'``), summed
+    over their calls: their ``forward`` and, where they have one, their
+    ``loss`` (what ``LocalLearner`` calls on aux nets and heads). A part's
+    count includes its children's. Backward work is not attributed (the
+    autograd engine runs it outside the modules)."""
+
+    def __init__(self, model, patterns, counter, flops):
+        self.rows = collections.OrderedDict()
+        self._handles, self._wrapped = [], []
+        self._depth = {}
+        self._counter, self._flops = counter, flops
+        for name, module in model.named_modules():
+            if not (name and any(_matches(name, p) for p in patterns)):
+                continue
+            self.rows[name] = [0, 0]
+            self._depth[name] = [0, None]
+            self._handles += [
+                module.register_forward_pre_hook(
+                    lambda m, a, name=name: self._enter(name)),
+                module.register_forward_hook(
+                    lambda m, a, o, name=name: self._exit(name))
+            ]
+            if callable(getattr(type(module), 'loss', None)):
+                module.loss = self._wrap(name, module.loss)
+                self._wrapped.append(module)
+
+    def _now(self):
+        return self._counter.kernels, self._flops.get_total_flops()
+
+    def _enter(self, name):
+        depth = self._depth[name]
+        if depth[0] == 0:  # outermost call of this part (loss -> forward)
+            depth[1] = self._now()
+        depth[0] += 1
+
+    def _exit(self, name):
+        depth = self._depth[name]
+        depth[0] -= 1
+        if depth[0] == 0:
+            kernels, flops = self._now()
+            self.rows[name][0] += kernels - depth[1][0]
+            self.rows[name][1] += flops - depth[1][1]
+
+    def _wrap(self, name, method):
+        def loss(*args, **kwargs):
+            self._enter(name)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._exit(name)
+        return loss
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        for module in self._wrapped:
+            del module.loss
+
+
+def count_mode(cfg, mode, input_shape, seed=0, parts=()):
+    """``{'kernels', 'syncs', 'flops', 'top', 'parts'}`` of one
+    ``train_step`` of ``mode``; ``parts``: name patterns of submodules whose
+    forward kernels and FLOPs are reported (:class:`PartCounter`)."""
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
     if mode == 'stock':
@@ -118,14 +194,18 @@ def count_mode(cfg, mode, input_shape, seed=0):
 
     optimizer.step = uncounted_step
     flops = FlopCounterMode(display=False)
+    part_counter = PartCounter(model, parts, counter, flops)
     try:
         with flops, counter:
             model.train_step(batch, optim_wrapper)
     finally:
         del optimizer.step
+        part_counter.remove()
     return dict(kernels=counter.kernels, syncs=counter.syncs,
                 flops=flops.get_total_flops(),
-                top=counter.by_op.most_common(8))
+                top=counter.by_op.most_common(8),
+                parts={n: dict(kernels=k, flops=f)
+                       for n, (k, f) in part_counter.rows.items()})
 
 
 def parse_args(argv=None):
@@ -143,6 +223,14 @@ def parse_args(argv=None):
         '--cuda-like-focal-loss', action='store_true',
         help='mmdet\'s FocalLoss takes its CUDA branch on the CPU (as on a '
         'GPU: no one_hot and its host reads)')
+    parser.add_argument(
+        '--parts', nargs='+', default=[], metavar='PATTERN',
+        help='also report the kernels and FLOPs of the calls (forward, or '
+        'loss where there is one; not backward) of the submodules '
+        'matching these name patterns (fnmatch per dot-separated segment), '
+        'e.g. "aux_nets.*.*" for '
+        'every child of every aux net of a LocalLearner, '
+        '"backbone.backbone.layer3.*" for RepL blocks')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args(argv)
 
@@ -154,7 +242,8 @@ def main(argv=None):
     with cuda_like_focal_loss(args.cuda_like_focal_loss):
         for mode in args.modes:
             try:
-                rows[mode] = count_mode(cfg, mode, args.input_shape)
+                rows[mode] = count_mode(cfg, mode, args.input_shape,
+                                        parts=args.parts)
             except bm.ModeUnavailable as exc:
                 print(f'{mode}: unavailable ({exc})')
     base = rows.get('stock', rows.get('e2e'))
@@ -169,6 +258,16 @@ def main(argv=None):
         top = ', '.join(f'{n} {c}' for n, c in r['top'][:4])
         print(f"| {mode} | {r['kernels']} | {ratio} | {r['syncs']} | "
               f"{r['flops'] / 1e9:.1f} | {fratio} | {top} |")
+    for mode, r in rows.items():
+        if not r['parts']:
+            continue
+        print(f'\n{mode}: calls of each part (forward, or loss where the '
+              'part has one; its backward is not attributed)\n')
+        print('| part | kernels | GFLOP |')
+        print('|---|---:|---:|')
+        for name, part in r['parts'].items():
+            print(f"| {name} | {part['kernels']} | "
+                  f"{part['flops'] / 1e9:.2f} |")
     return rows
 
 
