@@ -1,1 +1,0 @@
-# Copyright (c) mmlocal contributors.
