@@ -6,7 +6,12 @@ region, so :func:`iter_patches` crops the images and the data samples with
 it (detection: boxes shifted and clipped to the region; segmentation: the
 label map cropped).
 """
+import contextlib
+import functools
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 def grid_slices(size, grid, remainder='error', what='feature map'):
@@ -38,54 +43,123 @@ def grid_slices(size, grid, remainder='error', what='feature map'):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _crop_instances(instances, x0, y0, width, height, min_size):
-    from mmengine.structures import InstanceData
-    boxes = instances.bboxes
-    tensor = boxes if torch.is_tensor(boxes) else boxes.tensor
+def _region_keep(tensor, x0, y0, width, height, min_size):
+    """Boxes ``(n, 4)`` shifted into the region and clipped to it, and
+    which of them are at least ``min_size`` wide and high."""
     t = tensor.clone()
     t[:, 0::2] = (t[:, 0::2] - x0).clamp(0, width)
     t[:, 1::2] = (t[:, 1::2] - y0).clamp(0, height)
     keep = ((t[:, 2] - t[:, 0]) >= min_size) & \
         ((t[:, 3] - t[:, 1]) >= min_size)
-    t = t[keep]
-    cropped = InstanceData(
-        bboxes=t if torch.is_tensor(boxes) else type(boxes)(t),
-        labels=instances.labels[keep])
-    return cropped
+    return t, keep
+
+
+def _crop_masks(masks, x0, y0, width, height):
+    """mmdet ``BitmapMasks`` / ``PolygonMasks`` (anything with ``crop`` and
+    ``pad``) of the region, padded to its size where the region passes the
+    mask's extent (the batch padding)."""
+    import numpy as np
+    box = np.array([x0, y0, x0 + width, y0 + height], dtype=np.int64)
+    out = masks.crop(box)
+    if (out.height, out.width) != (height, width):
+        out = out.pad((height, width))
+    return out
+
+
+def _crop_instances(instances, x0, y0, width, height, min_size):
+    """An ``InstanceData`` of the region ``[y0:y0+height, x0:x0+width]``.
+
+    Every per-instance field that is present is kept: with ``bboxes``, the
+    instances whose clipped box is at least ``min_size`` pixels wide and
+    high are selected (every field indexed alike, as ``InstanceData``
+    indexing does: tensors, arrays, lists, boxes, masks) and the boxes are
+    shifted and clipped into the region; without ``bboxes`` every instance
+    is kept. ``masks`` (mmdet's ``BitmapMasks``/``PolygonMasks``) are
+    cropped to the region. The metainfo is copied. An ``InstanceData``
+    without any field (no instances) stays empty.
+    """
+    if 'bboxes' not in instances:
+        out = instances.clone()
+    else:
+        boxes = instances.bboxes
+        tensor = boxes if torch.is_tensor(boxes) else boxes.tensor
+        t, keep = _region_keep(tensor, x0, y0, width, height, min_size)
+        out = instances[keep]
+        out.bboxes = t[keep] if torch.is_tensor(boxes) else \
+            type(boxes)(t[keep])
+    masks = out.get('masks')
+    if masks is not None and hasattr(masks, 'crop'):
+        out.masks = _crop_masks(masks, x0, y0, width, height)
+    return out
+
+
+def _crop_pixels(pixels, y0, y1, x0, x1, img_shape):
+    """A ``PixelData`` cropped to the image region ``[y0:y1, x0:x1]``.
+
+    A map at the image's resolution (padded to the batch or not) is cropped
+    in pixels (a region past its extent gives a smaller map); a map coarser
+    than ``img_shape`` (e.g. mmdet's ``sem_seg_output_strides``) is cropped
+    at its own resolution, the region's bounds divided by the factor.
+    """
+    out = pixels.__class__(metainfo=pixels.metainfo)
+    for name, value in pixels.items():
+        h, w = value.shape[-2:]
+        fy = img_shape[0] / h if 0 < h < img_shape[0] else 1
+        fx = img_shape[1] / w if 0 < w < img_shape[1] else 1
+        ry0, ry1 = int(y0 // fy), int(-(-y1 // fy))
+        rx0, rx1 = int(x0 // fx), int(-(-x1 // fx))
+        out.set_field(value[..., ry0:ry1, rx0:rx1], name)
+    return out
+
+
+def _crop_fields(sample, out, y0, y1, x0, x1, min_size):
+    """Copy every data field of ``sample`` into ``out``: instance sets and
+    pixel maps cropped to the region, anything else as it is."""
+    from mmengine.structures import InstanceData, PixelData
+    height, width = y1 - y0, x1 - x0
+    for key, value in sample.items():
+        if isinstance(value, InstanceData):
+            value = _crop_instances(value, x0, y0, width, height, min_size)
+        elif isinstance(value, PixelData):
+            value = _crop_pixels(value, y0, y1, x0, x1,
+                                 sample.metainfo.get('img_shape', (0, 0)))
+        out.set_field(value, key)
+    return out
+
+
+def _patch_meta(sample, height, width):
+    meta = dict(sample.metainfo)
+    meta.update(img_shape=(height, width), pad_shape=(height, width),
+                batch_input_shape=(height, width))
+    return meta
 
 
 def crop_det_sample(sample, y0, y1, x0, x1, min_size=2):
     """A ``DetDataSample`` for the image region ``[y0:y1, x0:x1]``.
 
-    Boxes are shifted into the region, clipped to it and kept when at least
+    Every instance set (``gt_instances``, ``ignored_instances``, any other
+    ``InstanceData`` field) is cropped by :func:`_crop_instances`: boxes
+    shifted into the region, clipped to it and kept when at least
     ``min_size`` pixels wide and high (a patch may contain none: the head
-    then learns background only).
+    then learns background only), the other per-instance fields selected
+    alike and masks cropped. Pixel maps (``gt_sem_seg``, ...) are cropped
+    to the region (:func:`_crop_pixels`). Other fields and the metainfo are
+    copied (``img_shape``/``pad_shape``/``batch_input_shape``: the
+    region's).
     """
     from mmdet.structures import DetDataSample
     height, width = y1 - y0, x1 - x0
-    meta = dict(sample.metainfo)
-    meta.update(img_shape=(height, width), pad_shape=(height, width),
-                batch_input_shape=(height, width))
-    out = DetDataSample(metainfo=meta)
-    for key in ('gt_instances', 'ignored_instances'):
-        if key in sample:
-            out.set_field(
-                _crop_instances(sample.get(key), x0, y0, width, height,
-                                min_size), key)
-    return out
+    out = DetDataSample(metainfo=_patch_meta(sample, height, width))
+    return _crop_fields(sample, out, y0, y1, x0, x1, min_size)
 
 
 def crop_seg_sample(sample, y0, y1, x0, x1):
-    """A ``SegDataSample`` whose label map is cropped to the region."""
-    from mmengine.structures import PixelData
+    """A ``SegDataSample`` whose label map (and every other pixel map) is
+    cropped to the region; other fields and the metainfo are copied."""
     from mmseg.structures import SegDataSample
     height, width = y1 - y0, x1 - x0
-    meta = dict(sample.metainfo)
-    meta.update(img_shape=(height, width), pad_shape=(height, width))
-    out = SegDataSample(metainfo=meta)
-    out.gt_sem_seg = PixelData(data=sample.gt_sem_seg.data[..., y0:y1,
-                                                           x0:x1])
-    return out
+    out = SegDataSample(metainfo=_patch_meta(sample, height, width))
+    return _crop_fields(sample, out, y0, y1, x0, x1, min_size=2)
 
 
 def iter_patches(h, inputs, data_samples, grid, stride, task,
@@ -120,3 +194,152 @@ def iter_patches(h, inputs, data_samples, grid, stride, task,
             samples = [crop(s, y0, y1, x0, x1) for s in data_samples]
             yield (h[..., r0:r1, c0:c1], inputs[..., y0:y1, x0:x1],
                    samples)
+
+
+def stack_patches(h, inputs, data_samples, grid, stride, task,
+                  remainder='error'):
+    """The P x P patches of :func:`iter_patches` stacked along the batch,
+    one stack per patch size.
+
+    Returns:
+        list[tuple]: ``(h_b, inputs_b, samples_b, groups)`` for each
+        distinct patch size: the ``groups`` patches of that size stacked
+        *sample-major* (entry ``n * groups + g`` is image ``n``'s ``g``-th
+        patch of that size, row-major over the grid), so group ``g`` is the
+        entries ``g, g + groups, ...`` and a BN layer can normalise each
+        group with its own statistics through a free view
+        (:func:`grouped_batch_norm`). An even grid whose input is
+        ``stride`` times the feature map gives one stack of all ``P^2``
+        patches (one reshape copy each for ``h`` and ``inputs``); an uneven
+        one up to four (``'uneven'``: two row and two column lengths).
+        ``h_b`` is attached to ``h``: a backward through it accumulates
+        into ``h.grad``.
+    """
+    height, width = h.shape[-2:]
+    in_h, in_w = inputs.shape[-2:]
+    rows = grid_slices(height, grid, remainder, f'aux input height '
+                       f'({height}x{width})')
+    cols = grid_slices(width, grid, remainder, f'aux input width '
+                       f'({height}x{width})')
+    crop = crop_det_sample if task == 'det' else crop_seg_sample
+    n = h.shape[0]
+    if not (height % grid or width % grid or in_h != height * stride
+            or in_w != width * stride):
+
+        def split(x, ph, pw):
+            c = x.shape[1]
+            x = x.reshape(n, c, grid, ph, grid, pw)
+            return x.permute(0, 2, 4, 1, 3, 5).reshape(
+                n * grid * grid, c, ph, pw)
+
+        ph, pw = height // grid, width // grid
+        regions = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
+        stacks = [(split(h, ph, pw), split(inputs, ph * stride,
+                                           pw * stride), regions)]
+    else:  # patches of up to 4 sizes: stack each size
+        by_size = {}
+        for r0, r1 in rows:
+            y0, y1 = r0 * stride, min(r1 * stride, in_h)
+            for c0, c1 in cols:
+                x0, x1 = c0 * stride, min(c1 * stride, in_w)
+                key = (r1 - r0, c1 - c0, y1 - y0, x1 - x0)
+                by_size.setdefault(key, []).append((r0, r1, c0, c1))
+        stacks = []
+        for regions in by_size.values():
+            hs, xs = [], []
+            for r0, r1, c0, c1 in regions:
+                hs.append(h[..., r0:r1, c0:c1])
+                xs.append(inputs[..., r0 * stride:min(r1 * stride, in_h),
+                                 c0 * stride:min(c1 * stride, in_w)])
+            stacks.append((torch.stack(hs, 1).flatten(0, 1),
+                           torch.stack(xs, 1).flatten(0, 1), regions))
+    out = []
+    for h_b, inputs_b, regions in stacks:
+        samples_b = [
+            crop(sample, r0 * stride, min(r1 * stride, in_h), c0 * stride,
+                 min(c1 * stride, in_w))
+            for sample in data_samples for r0, r1, c0, c1 in regions
+        ]
+        out.append((h_b, inputs_b, samples_b, len(regions)))
+    return out
+
+
+def _grouped_bn_forward(bn, groups, x):
+    """``bn(x)`` with batch statistics per group of the sample-major batch
+    (entries ``g, g + G, ...``): the same normalisation and running-
+    statistics updates as ``bn`` called on each group in turn."""
+    use_batch_stats = bn.training or (bn.running_mean is None
+                                      and bn.running_var is None)
+    if not use_batch_stats:  # per-sample already: no grouping needed
+        return type(bn).forward(bn, x)
+    n, c = x.shape[0] // groups, x.shape[1]
+    xg = x.reshape(n, groups * c, *x.shape[2:])
+    weight = None if bn.weight is None else bn.weight.repeat(groups)
+    bias = None if bn.bias is None else bn.bias.repeat(groups)
+    out = F.batch_norm(xg, None, None, weight, bias, True, 0.0, bn.eps)
+    if bn.training and bn.track_running_stats:
+        _update_running_stats(bn, xg.detach(), groups)
+    return out.view_as(x)
+
+
+@torch.no_grad()
+def _update_running_stats(bn, xg, groups):
+    """Running statistics as ``groups`` successive BN calls leave them:
+    ``r <- (1 - f_p) r + f_p s_p`` for ``p = 0..G-1`` (``f_p`` the momentum,
+    or ``1 / num_batches_tracked`` with ``momentum=None``), in closed form
+    ``r_G = a r_0 + sum_p c_p s_p``."""
+    dims = [0] + list(range(2, xg.dim()))
+    var, mean = torch.var_mean(xg, dim=dims, correction=1)
+    factors = []
+    for p in range(groups):
+        if bn.momentum is None:
+            factors.append(1.0 / (int(bn.num_batches_tracked) + p + 1))
+        else:
+            factors.append(bn.momentum)
+    keep = 1.0
+    coefs = [0.0] * groups
+    for p in reversed(range(groups)):
+        coefs[p] = factors[p] * keep
+        keep *= 1 - factors[p]
+    coef = torch.tensor(coefs, dtype=mean.dtype, device=mean.device)
+    c = bn.running_mean.numel()
+    bn.running_mean.mul_(keep).add_(
+        (coef @ mean.view(groups, c)).to(bn.running_mean.dtype))
+    bn.running_var.mul_(keep).add_(
+        (coef @ var.view(groups, c)).to(bn.running_var.dtype))
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(groups)
+
+
+@contextlib.contextmanager
+def grouped_batch_norm(module, groups):
+    """Within the context, every BN layer of ``module`` normalises each of
+    the ``groups`` interleaved groups of its batch (entries ``g, g + G,
+    ...``, see :func:`stack_patches`) with the group's own statistics, as
+    if the groups ran one after the other.
+
+    Raises:
+        ValueError: for a ``SyncBatchNorm`` layer in a distributed run
+            (statistics across processes per group are not implemented).
+    """
+    patched = []
+    if groups > 1:
+        for m in module.modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm) or \
+                    'forward' in m.__dict__:
+                continue
+            if isinstance(m, nn.SyncBatchNorm) and \
+                    torch.distributed.is_available() and \
+                    torch.distributed.is_initialized() and \
+                    torch.distributed.get_world_size() > 1:
+                raise ValueError(
+                    'patch_batch=True does not support SyncBatchNorm in '
+                    'the auxiliary net of a distributed run; use '
+                    'patch_batch=False or BN')
+            m.forward = functools.partial(_grouped_bn_forward, m, groups)
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
