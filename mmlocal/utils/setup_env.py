@@ -49,7 +49,9 @@ def setup_launcher(cfg, launcher):
     calls ``torch.cuda.set_device`` and the default DDP wrapper passes
     ``device_ids=[LOCAL_RANK]``, both of which fail on a CPU-only machine.
     A ``LocalLearner`` model gets ``mmlocal.LocalDistributedDataParallel``
-    unless the config names a wrapper. On a machine without CUDA:
+    unless the config names a wrapper; ``mmlocal.LocalPipelineParallel``
+    gets its ``mmlocal.LocalPipelineHook`` in ``custom_hooks``. On a machine
+    without CUDA:
 
     - the ``gloo`` backend is used and the process group is initialised
       before the Runner (the Runner then skips its own ``init_dist``);
@@ -71,6 +73,7 @@ def setup_launcher(cfg, launcher):
         # would skip LocalLearner.train_step
         cfg.model_wrapper_cfg = dict(
             type='mmlocal.LocalDistributedDataParallel')
+    _add_pipeline_hook(cfg)
     if torch.cuda.is_available():
         return cfg
     import torch.distributed as dist
@@ -96,6 +99,20 @@ def setup_launcher(cfg, launcher):
     else:
         wrapper['device_ids'] = None
     return cfg
+
+
+def _add_pipeline_hook(cfg):
+    """``mmlocal.LocalPipelineParallel`` needs ``mmlocal.LocalPipelineHook``
+    (checkpoints gathered to rank 0, data sharded by replica): add it to
+    ``custom_hooks`` unless the config has it."""
+    wrapper = cfg.get('model_wrapper_cfg', None) or {}
+    if not str(wrapper.get('type', '')).endswith('LocalPipelineParallel'):
+        return
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(str(h.get('type', '')).endswith('LocalPipelineHook')
+               for h in hooks):
+        hooks.append(dict(type='mmlocal.LocalPipelineHook'))
+    cfg.custom_hooks = hooks
 
 
 def _export_slurm_env():

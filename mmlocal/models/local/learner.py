@@ -125,15 +125,17 @@ def _detached(terms):
     }
 
 
-def _all_ranks(flag):
+def _all_ranks(flag, group=None):
     """``bool(flag)`` (a 0-dim tensor), AND-ed over the processes of a
     distributed run with one all-reduce, so that every process raises or
     skips the same iteration (no process is left waiting in the gradient
-    all-reduce of a step the others dropped)."""
-    if _world_size() == 1:
+    all-reduce of a step the others dropped). ``group``: the processes to
+    agree with (default: all; see ``LocalLearner.guard_group``)."""
+    if _world_size() == 1 or (group is not None
+                              and dist.get_world_size(group) == 1):
         return bool(flag)
     flag = flag.to(torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag)
 
 
@@ -404,6 +406,9 @@ class LocalLearner(BaseModel):
         self.num_skipped_iters = 0  # by nan_guard='skip'
         self.last_iter_skipped = False  # read by MomentumAuxHook
         self._nan_guard_calls = 0
+        # processes whose NaN flags are AND-ed (None: all; set by
+        # mmlocal.LocalPipelineParallel to its own groups)
+        self.guard_group = None
 
         num_classes, ignore_index = _num_classes(inner, self.task)
         mean = getattr(self.data_preprocessor, 'mean', None)
@@ -526,9 +531,10 @@ class LocalLearner(BaseModel):
         return log_vars
 
     def _train_local_modules(self, inputs, data_samples, optim_wrapper,
-                             outs, local_logs):
-        """Modules ``0..K-2``, each trained by its own aux loss alone (DGL,
-        InfoPro, MAN, AugLocal).
+                             outs, local_logs, modules=None, x=None):
+        """Modules ``0..K-2`` (or ``modules``, a range of them, from
+        ``x``, the detached output of the module before), each trained by
+        its own aux loss alone (DGL, InfoPro, MAN, AugLocal).
 
         Returns:
             tuple: ``(x, total)``: the detached input of the last module and
@@ -536,8 +542,11 @@ class LocalLearner(BaseModel):
         """
         seq = self._seq
         local_total = 0.
-        x = inputs
-        for k, (start, end) in enumerate(self.module_ranges[:-1]):
+        x = inputs if x is None else x
+        if modules is None:
+            modules = range(self.num_modules - 1)
+        for k in modules:
+            start, end = self.module_ranges[k]
             produced = set()
             with optim_wrapper.optim_context(self):
                 h = seq.forward_stem(x, outs) if k == 0 else x
@@ -561,6 +570,67 @@ class LocalLearner(BaseModel):
             local_total = local_total + loss_k.detach()
             self._mark(f'module{k}')
         return x, local_total
+
+    # ------------------------------------------------------------------
+    # one pipeline stage (mmlocal.LocalPipelineParallel)
+    @_nan_guarded
+    def train_stage(self, data, optim_wrapper):
+        """Train a contiguous range of modules only: one pipeline stage.
+
+        What :meth:`train_step` does for all modules, for
+        ``data['modules'] = (first, stop)``: the same forward passes, local
+        backward passes, NaN checks (AND-ed over ``guard_group``), model
+        loss (when ``stop == K``) and one optimizer step of the parameters
+        that received gradients. Used by
+        :class:`~mmlocal.engine.model_wrappers.LocalPipelineParallel`.
+
+        Args:
+            data (dict): ``inputs`` (preprocessed) and ``data_samples``;
+                for ``first > 0`` also ``x`` (the detached output of module
+                ``first - 1``) and ``outs`` (the backbone stage outputs
+                recorded so far, detached); for ``stop < K`` a callable
+                ``send(x, outs, logs)`` that hands the stage's output on. It
+                is called before the NaN flags are read and before the
+                step.
+            optim_wrapper (OptimWrapper): As for :meth:`train_step`.
+
+        Returns:
+            dict: The stage's log variables (``{}`` when ``nan_guard='skip'``
+            dropped the iteration).
+        """
+        check_local_optim_wrapper(optim_wrapper)
+        if self.cascade_span is not None:
+            raise ValueError('train_stage does not run cascade families '
+                             f'(cascade_span={self.cascade_span})')
+        self._pending_checks = []
+        first, stop = data['modules']
+        inputs, data_samples = data['inputs'], data['data_samples']
+        outs = dict(data.get('outs') or {})
+        x = data.get('x') if first > 0 else inputs
+        local_logs = OrderedDict()
+        last = self.num_modules - 1
+        x, local_total = self._train_local_modules(
+            inputs, data_samples, optim_wrapper, outs, local_logs,
+            modules=range(first, min(stop, last)), x=x)
+        if stop <= last:
+            data['send'](x, outs, local_logs)
+            self._read_pending_checks()
+            # count the iteration and step (the zero loss adds no gradient)
+            optim_wrapper.update_params(
+                torch.zeros((), device=inputs.device, requires_grad=True))
+            local_logs['loss'] = torch.as_tensor(local_total).detach()
+            return local_logs
+        start = self.module_ranges[last][0]
+        with optim_wrapper.optim_context(self):
+            with self._backbone_runs_last_module(x, start, outs):
+                losses = self.model.loss(inputs, data_samples)
+        loss, log_vars = self.parse_losses(losses)
+        self._check_finite(last, loss, log_vars)
+        optim_wrapper.update_params(loss)
+        self._mark(f'module{last}')
+        log_vars['loss'] = log_vars['loss'] + local_total
+        log_vars.update(local_logs)
+        return log_vars
 
     # ------------------------------------------------------------------
     # cascade windows (HPFF, MLAAN)
@@ -706,7 +776,7 @@ class LocalLearner(BaseModel):
             if k == self.num_modules - 1:
                 self._read_pending_checks()
             return
-        if _all_ranks(finite):
+        if _all_ranks(finite, self.guard_group):
             return
         if bool(finite):
             self._raise_for_another_process()
@@ -724,7 +794,8 @@ class LocalLearner(BaseModel):
         if not pending:
             return
         device = pending[-1][1].device
-        if _all_ranks(torch.stack([p[1].to(device) for p in pending]).all()):
+        if _all_ranks(torch.stack([p[1].to(device) for p in pending]).all(),
+                      self.guard_group):
             return
         bad = [p for p in pending if not bool(p[1])]
         if not bad:

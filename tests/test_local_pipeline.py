@@ -1,0 +1,216 @@
+"""Pipeline-parallel local learning on CPU (gloo; 2 and 4 processes)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+WORKER = os.path.join(REPO, 'tests', 'dist_scripts',
+                      'local_pipeline_worker.py')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _run(args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _torchrun(nproc, out, mode):
+    return _run(['-m', 'torch.distributed.run', '--nproc_per_node',
+                 str(nproc), '--master_port', str(_free_port()), WORKER,
+                 str(out), mode])
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """The worker as one process (every run), under torchrun with 2
+    processes (pipeline runs, refusals, faults) and with 4 (2 stages x 2
+    replicas); ``load(name)`` reads what it saved."""
+    out = tmp_path_factory.mktemp('local_pipeline')
+    _run([WORKER, str(out)])
+    _torchrun(2, out, 'pp')
+    _torchrun(4, out, 'dp')
+
+    def load(name):
+        return torch.load(out / f'{name}.pt', weights_only=False)
+
+    return load
+
+
+def _assert_equal_states(got, want, atol=1e-6, rtol=1e-6):
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=atol,
+                                   rtol=rtol, msg=key)
+
+
+def test_sync_equals_one_process_through_skip_clip_and_resume(runs):
+    """sync, K=3 as stages [[0, 1], [2]], clip_grad (global norm) and
+    nan_guard='skip' (module 0's NaN at iteration 1 drops it on both
+    stages), then checkpoint -> fresh model and wrapper -> one more
+    iteration: parameters, buffers and the optimizer's momentum equal one
+    process's to 1e-6."""
+    pipe, single = runs('rank0_sync'), runs('single_sync')
+    _assert_equal_states(pipe['model'], single['model'])
+    assert pipe['optim'].keys() == single['optim'].keys()
+    for idx in single['optim']:
+        _assert_equal_states(pipe['optim'][idx], single['optim'][idx])
+    for tag in ('rank0', 'rank1', 'single'):
+        info = runs(f'{tag}_sync_info')
+        assert info['skipped'] == 1, tag
+        assert info['logs'][1] == {}, tag  # the dropped iteration
+
+
+def test_each_process_holds_only_its_stage(runs):
+    r0, r1 = runs('rank0_sync_info'), runs('rank1_sync_info')
+    everything = set(runs('single_sync')['model'])
+    last, first = set(r0['held']), set(r1['held'])
+    shared = {k for k in last & first if 'data_preprocessor' in k}
+    assert (last & first) == shared
+    assert (last | first) >= everything
+    # rank 1 is stage 0 (modules 0, 1: stem, layer1-3, both aux nets);
+    # rank 0 the last stage (module 2: layer4, decode and auxiliary heads)
+    assert any(k.startswith('aux_nets.1.') for k in first)
+    assert not any(k.startswith('aux_nets.') for k in last)
+    assert any(k.startswith('model.decode_head.') for k in last)
+    assert any(k.startswith('model.backbone.layer4.') for k in last)
+    assert not any(k.startswith('model.backbone.layer4.') for k in first)
+    assert any(k.startswith('model.backbone.stem.') for k in first)
+    # optimizer state: each stage's own parameters, together all of them
+    ids0, ids1 = set(r0['optim_state_ids']), set(r1['optim_state_ids'])
+    assert ids0 and ids1 and not ids0 & ids1
+    assert ids0 | ids1 == set(runs('single_sync')['optim'])
+    assert r0['released_after_ckpt'] and r1['released_after_ckpt']
+    # validation gathers the whole model on every process
+    assert r0['held_after_val'] == r1['held_after_val'] >= len(everything)
+
+
+def test_rank0_logs_every_stage(runs):
+    """Rank 0 (the last stage) logs every stage's losses and peak memory;
+    its ``loss`` is the single process's."""
+    logs, single = runs('rank0_sync_info')['logs'], runs(
+        'single_sync_info')['logs']
+    for it in (0, 2, 3):
+        log = logs[it]
+        for key in ('loss_local0', 'loss_local1', 'loss_stage0',
+                    'loss_stage1', 'stage0.peak_mem_mb',
+                    'stage1.peak_mem_mb', 'decode.loss_ce'):
+            assert key in log, (it, key)
+        assert log['stage0.peak_mem_mb'] > 10
+        torch.testing.assert_close(log['loss'], single[it]['loss'],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            log['loss_stage0'], log['loss_local0'] + log['loss_local1'])
+
+
+def test_val_step_runs_the_whole_model(runs):
+    single = runs('single_sync_info')['seg_logits']
+    for tag in ('rank0', 'rank1'):
+        torch.testing.assert_close(runs(f'{tag}_sync_info')['seg_logits'],
+                                   single, atol=1e-5, rtol=1e-5)
+
+
+def test_async_equals_one_process_without_clipping(runs):
+    """async (no cross-stage collective) with the default stages: without
+    clip_grad and NaNs each stage's updates are still the single
+    process's."""
+    _assert_equal_states(runs('rank0_async'), runs('single_async'))
+    assert runs('rank0_async_info')['stages'] == [[0], [1]]
+
+
+def test_pipeline_times_data_parallel_four_processes(runs):
+    """2 stages x 2 replicas: each stage's replicas average their
+    gradients; equal to one process over the whole batch (GroupNorm;
+    clip_grad with the global norm of the averaged gradients)."""
+    layout = {r: (runs(f'rank{r}_dp_info')['stage'],
+                  runs(f'rank{r}_dp_info')['replica']) for r in range(4)}
+    assert layout == {0: (1, 0), 1: (0, 0), 2: (1, 1), 3: (0, 1)}
+    assert runs('rank0_dp_info')['held'] == runs('rank2_dp_info')['held']
+    _assert_equal_states(runs('rank0_dp'), runs('single_dp'), atol=1e-5,
+                         rtol=1e-4)
+
+
+def test_bad_input_names_the_option(runs):
+    errors = runs('rank0_refuse')
+    expected = {
+        'too_many_stages': 'num_modules=1',
+        'stage_count': r'stages=\[\[0\], \[1\], \[2\]\] has 3 stages',
+        'not_contiguous': 'not contiguous',
+        'not_covering': 'must cover',
+        'replicas': 'num_replicas=3',
+        'schedule': "schedule='gpipe'",
+        'man_ema': 'EMA copy',
+        'cascade': 'cascade',
+        'attach': 'attach_stages=',
+        'module_check': "nan_guard_check='module'",
+    }
+    import re
+    for name, pattern in expected.items():
+        assert errors[name] is not None, name
+        assert re.search(pattern, errors[name]), (name, errors[name])
+
+
+@pytest.mark.parametrize('stages,match', [
+    ([[2], [0, 1]], 'in order'),
+    ([[0, 1], [1, 2]], 'must cover'),
+    ([[0], []], 'non-empty'),
+    ('01', 'list of lists'),
+    ([[0], [1, 2, 3]], r'\[3\] are not module indices'),
+])
+def test_check_stages_rejects(stages, match):
+    from mmlocal.engine.model_wrappers.local_pipeline import check_stages
+    with pytest.raises(ValueError, match=match):
+        check_stages(stages, 3, 2)
+    assert check_stages([[0, 1], [2]], 3, 2) == [[0, 1], [2]]
+
+
+def test_balanced_default_stages():
+    from mmlocal.engine.model_wrappers.local_pipeline import \
+        balanced_stages
+    assert balanced_stages([1, 1, 1, 5], 2) == [[0, 1, 2], [3]]
+    assert balanced_stages([4, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
+
+
+def test_failed_or_vanished_process_stops_the_others(runs):
+    """async: the last stage (rank 0) raises; rank 1 stops with an error
+    naming rank 0 and the cause. sync: rank 1 vanishes; rank 0 names it
+    (well within its timeout_s=20)."""
+    r0, r1 = runs('rank0_fault'), runs('rank1_fault')
+    assert r0['raised'][:2] == ('own', 0)
+    kind, rank, msg = r1['raised']
+    assert (kind, rank) == ('peer', 0), r1['raised']
+    assert 'injected failure' in msg and 'rank 0' in msg
+    assert r1['seconds'] < 30
+    rank, msg = r0['died']
+    assert rank == 1 and 'rank 1' in msg, r0['died']
+    assert r0['died_seconds'] < 25
+
+
+def test_setup_launcher_adds_the_pipeline_hook():
+    from mmengine.config import Config
+
+    from mmlocal.utils.setup_env import _add_pipeline_hook
+    cfg = Config(dict(model_wrapper_cfg=dict(
+        type='mmlocal.LocalPipelineParallel'),
+        custom_hooks=[dict(type='mmlocal.PeakMemoryHook')]))
+    _add_pipeline_hook(cfg)
+    _add_pipeline_hook(cfg)
+    assert [h['type'] for h in cfg.custom_hooks] == [
+        'mmlocal.PeakMemoryHook', 'mmlocal.LocalPipelineHook']
+    cfg = Config(dict(model_wrapper_cfg=dict(
+        type='mmlocal.LocalDistributedDataParallel')))
+    _add_pipeline_hook(cfg)
+    assert not cfg.get('custom_hooks')
+
