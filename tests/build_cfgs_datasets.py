@@ -167,21 +167,26 @@ def mocs_json():
     return dict(images=images, categories=categories, annotations=annotations)
 
 
+# CIS: the release's names (XZ-YAN/CIS-Dataset); the file's order is not
+# the documented one, and category, image and annotation ids start at 0
+CIS_FILE_NAMES = ('excavator', 'people-helmet', 'people-no-helmet', 'PC',
+                  'PC-truck', 'dump-truck', 'mixer', 'roller', 'dozer',
+                  'wheel-loader')
+
+
 def cis_json():
-    """Two images, three categories (ids not contiguous)."""
-    categories = [
-        dict(id=5, name='Rebar'),
-        dict(id=2, name='Formwork'),
-        dict(id=9, name='Worker')
-    ]
+    """Two images (ids 0, 1), the ten CIS categories with ids 0..9 in the
+    order of CIS_FILE_NAMES, annotation ids from 0."""
+    categories = [dict(id=i, name=name, supercategory='construction')
+                  for i, name in enumerate(CIS_FILE_NAMES)]
     images = [
-        dict(id=10, file_name='x.png', width=64, height=64),
-        dict(id=11, file_name='y.png', width=32, height=40)
+        dict(id=0, file_name='cis_0.jpg', width=64, height=64),
+        dict(id=1, file_name='cis_1.jpg', width=32, height=40)
     ]
     annotations = [
-        rect_annotation(100, 10, 2, 2, 2, 30, 20),
-        rect_annotation(101, 10, 9, 40, 30, 20, 30),
-        rect_annotation(102, 11, 5, 4, 4, 20, 30)
+        rect_annotation(0, 0, 1, 2, 2, 30, 20),  # people-helmet
+        rect_annotation(1, 0, 0, 40, 30, 20, 30),  # excavator
+        rect_annotation(2, 1, 9, 4, 4, 20, 30)  # wheel-loader
     ]
     return dict(images=images, categories=categories, annotations=annotations)
 
@@ -192,7 +197,9 @@ def write_mocs(root, coco=None, split='train', no_image=()):
 
 
 def write_cis(root, coco=None, split='train', no_image=()):
-    write_coco(root, f'annotations/instances_{split}.json', split, coco
+    """The release's layout (after CIS_decoder.py): the json under
+    dataset/annotations/, the images in <split>/."""
+    write_coco(root, f'dataset/annotations/{split}.json', split, coco
                or cis_json(), no_image)
 
 
@@ -220,6 +227,6 @@ BUILD_CFGS = {
     ('DATASETS', 'CISDataset'):
     lambda: dict(
         data_root=osp.join(tiny_data_root(), 'CIS'),
-        ann_file='annotations/instances_train.json',
+        ann_file='dataset/annotations/train.json',
         data_prefix=dict(img='train/')),
 }

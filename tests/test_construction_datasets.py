@@ -14,9 +14,10 @@ from mmengine.registry import DATASETS, METRICS, DefaultScope
 from mmengine.structures import InstanceData
 
 import mmdet.registry  # noqa: F401  (the 'mmdet' scope)
-from build_cfgs_datasets import (MOCS_NAMES, SODA_IMAGES, SODA_SPLITS,
-                                 cis_json, mocs_json, rect_annotation, voc_xml,
-                                 write_cis, write_mocs, write_soda)
+from build_cfgs_datasets import (CIS_FILE_NAMES, MOCS_NAMES, SODA_IMAGES,
+                                 SODA_SPLITS, cis_json, mocs_json,
+                                 rect_annotation, voc_xml, write_cis,
+                                 write_mocs, write_soda)
 from conftest import REPO
 from mmlocal.datasets import CISDataset, MOCSDataset, SODADataset
 
@@ -44,7 +45,7 @@ def mocs(root, **kwargs):
 def cis(root, **kwargs):
     return CISDataset(
         data_root=str(root),
-        ann_file='annotations/instances_train.json',
+        ann_file='dataset/annotations/train.json',
         data_prefix=dict(img='train/'),
         **kwargs)
 
@@ -336,34 +337,116 @@ def test_coco_clips_within_tolerance_and_image_check_optional(tmp_path):
 # -------------------------------------------------------------------- CIS
 
 
-def test_cis_classes_come_from_the_file(tmp_path):
+def test_cis_reads_the_release_layout_with_ids_from_0(tmp_path):
     write_cis(tmp_path)
-    dataset = cis(tmp_path)
-    assert dataset.metainfo['classes'] == ('Rebar', 'Formwork', 'Worker')
-    assert [i['bbox_label'] for i in instances(dataset, 0)] == [1, 2]
-    assert [i['bbox_label'] for i in instances(dataset, 1)] == [0]
-    # lazily built: the classes are read when metainfo is asked for
-    lazy = cis(tmp_path, lazy_init=True)
-    assert lazy.metainfo['classes'] == ('Rebar', 'Formwork', 'Worker')
-
-
-def test_cis_metainfo_selects_a_subset_in_file_order(tmp_path):
-    write_cis(tmp_path)
-    dataset = cis(tmp_path, metainfo=dict(classes=(' worker', 'REBAR')))
-    assert dataset.metainfo['classes'] == ('Rebar', 'Worker')
+    dataset, log = logged(lambda: cis(tmp_path))
+    # the ten public classes, in the file's spelling and order
+    assert set(CISDataset.METAINFO['classes']) == set(CIS_FILE_NAMES)
+    assert dataset.metainfo['classes'] == CIS_FILE_NAMES
+    assert 'classes follow the spelling and order' in log
+    palette = dict(
+        zip(CISDataset.METAINFO['classes'], CISDataset.METAINFO['palette']))
+    assert [dataset.metainfo['palette'][i] for i in range(10)] == \
+        [palette[name] for name in CIS_FILE_NAMES]
+    # image, category and annotation ids from 0 are read as they are
+    assert [dataset.get_data_info(i)['img_id'] for i in range(2)] == [0, 1]
+    assert dataset.get_data_info(0)['img_path'] == osp.join(
+        str(tmp_path), 'train', 'cis_0.jpg')
     assert [(i['bbox_label'], i['bbox']) for i in instances(dataset, 0)] == \
-        [(1, [40, 30, 60, 60])]
-    assert [i['bbox_label'] for i in instances(dataset, 1)] == [0]
-    with pytest.raises(ValueError, match=r"not in the file \['Crane'\]"):
-        cis(tmp_path, metainfo=dict(classes=('Crane', 'Rebar')))
+        [(1, [2, 2, 32, 22]), (0, [40, 30, 60, 60])]
+    assert [i['bbox_label'] for i in instances(dataset, 1)] == [9]
+    assert dataset.cat_ids == list(range(10))
+    # lazily built: the order is read when metainfo is asked for
+    lazy = cis(tmp_path, lazy_init=True)
+    assert lazy.metainfo['classes'] == CIS_FILE_NAMES
+
+
+def test_cis_categories_are_checked_against_the_public_list(tmp_path):
     coco = cis_json()
-    coco['categories'].append(dict(id=3, name='rebar '))
+    coco['categories'][9]['name'] = 'loader'  # was 'wheel-loader'
     write_cis(tmp_path, coco)
     with pytest.raises(
             ValueError,
-            match=r"categories 'Rebar' and 'rebar ' "
+            match=r"dataset/annotations/train\.json: the classes of "
+            r"CISDataset\.METAINFO do not match.*not in the file "
+            r"\['wheel-loader'\], only in the file \['loader'\]"):
+        cis(tmp_path)
+    # a config may pick any subset of the file's categories
+    dataset = cis(tmp_path, metainfo=dict(classes=(' LOADER', 'excavator')))
+    assert dataset.metainfo['classes'] == ('excavator', 'loader')
+    assert [i['bbox_label'] for i in instances(dataset, 0)] == [0]
+    assert [i['bbox_label'] for i in instances(dataset, 1)] == [1]
+    coco['categories'][9]['name'] = 'Excavator '
+    write_cis(tmp_path, coco)
+    with pytest.raises(
+            ValueError,
+            match=r"categories 'excavator' and 'Excavator ' "
             'are the same name'):
         cis(tmp_path)
+
+
+def test_cis_bad_file_fails_early_naming_the_file(tmp_path):
+    coco = cis_json()
+    coco['annotations'][2]['category_id'] = 10
+    write_cis(tmp_path, coco)
+    with pytest.raises(
+            ValueError,
+            match=r"dataset/annotations/train\.json: annotation id 2 of "
+            r"image id 1 \('cis_1\.jpg'\) has category_id 10, which is "
+            r"not in \"categories\""):
+        cis(tmp_path)
+    with open(osp.join(tmp_path, 'dataset', 'annotations', 'train.json'),
+              'w') as f:
+        f.write('{"images": [')
+    with pytest.raises(ValueError,
+                       match=r'dataset/annotations/train\.json: not a valid'):
+        cis(tmp_path, lazy_init=True).full_init()
+
+
+def test_cis_annotation_id_0_fails_when_pycocotools_reads_the_file(
+        tmp_path):
+    write_cis(tmp_path)
+    # test_mode: by default a metric is assumed to read the file
+    with pytest.raises(
+            ValueError,
+            match=r"train\.json: annotation id 0 of image id 0 "
+            r"\('cis_0\.jpg'\): pycocotools' COCOeval reads annotation id "
+            r'0 as "unmatched"'):
+        cis(tmp_path, test_mode=True)
+    assert len(cis(tmp_path, test_mode=True,
+                   metric_reads_ann_file=False)) == 2
+    coco = cis_json()
+    del coco['annotations'][2]['iscrowd']
+    for ann in coco['annotations']:
+        ann['id'] += 1
+    write_cis(tmp_path, coco)
+    with pytest.raises(ValueError, match=r'annotation id 3 .* no "iscrowd"'):
+        cis(tmp_path, metric_reads_ann_file=True)
+    with pytest.raises(ValueError, match='metric_reads_ann_file=1'):
+        cis(tmp_path, metric_reads_ann_file=1)
+
+
+def test_pycocotools_counts_a_match_to_annotation_id_0_as_a_miss(tmp_path):
+    """Why the CIS configs evaluate from the dataset, not from ann_file."""
+    write_cis(tmp_path, split='val')
+    val_cfg, _ = _dataset_cfg('cis_instance.py', 'val', tmp_path)
+    dataset = build(val_cfg)
+    metric = dict(type='CocoMetric', metric='bbox')
+    from_file = _perfect_scores(
+        dataset, dict(metric, ann_file='x'),
+        osp.join(tmp_path, 'dataset', 'annotations', 'val.json'))
+    assert from_file['coco/bbox_mAP'] < 0.9  # perfect boxes, one "missed"
+    assert _perfect_scores(dataset, metric)['coco/bbox_mAP'] == \
+        pytest.approx(1.0)
+    # image and category ids from 0 are fine; only annotation id 0 is not
+    coco = cis_json()
+    for ann in coco['annotations']:
+        ann['id'] += 1
+    write_cis(tmp_path, coco, split='val')
+    renumbered = _perfect_scores(
+        build(val_cfg), dict(metric, ann_file='x'),
+        osp.join(tmp_path, 'dataset', 'annotations', 'val.json'))
+    assert renumbered['coco/bbox_mAP'] == pytest.approx(1.0)
 
 
 # ------------------------------------- base configs: pipelines and metrics
@@ -447,15 +530,25 @@ def test_mocs_config_pipeline_and_metrics(tmp_path):
 
 
 def test_cis_config_pipeline_and_metrics(tmp_path):
-    write_cis(tmp_path, split='val')
-    val_cfg, evaluator = _dataset_cfg('cis_instance.py', 'val', tmp_path)
-    dataset = build(val_cfg)
-    assert type(dataset) is CISDataset
-    scores = _perfect_scores(
-        dataset, evaluator,
-        osp.join(tmp_path, 'annotations', 'instances_val.json'))
+    for split in ('train', 'val', 'test'):
+        write_cis(tmp_path, split=split)
+    train_cfg, _ = _dataset_cfg('cis_instance.py', 'train', tmp_path)
+    gt = build(train_cfg)[0]['data_samples'].gt_instances
+    assert len(gt.masks) == len(gt.bboxes) == 2
+    for split in ('val', 'test'):
+        cfg, evaluator = _dataset_cfg('cis_instance.py', split, tmp_path)
+        assert cfg['ann_file'] == f'dataset/annotations/{split}.json'
+        assert 'ann_file' not in evaluator  # ids from 0: see above
+        dataset = build(cfg)
+        assert type(dataset) is CISDataset
+        scores = _perfect_scores(dataset, evaluator)
+        assert scores['coco/bbox_mAP'] == pytest.approx(1.0)
+        assert scores['coco/segm_mAP'] == pytest.approx(1.0)
+    cfg, evaluator = _dataset_cfg('yolov8_cis_detection.py', 'test',
+                                  tmp_path)
+    assert 'ann_file' not in evaluator
+    scores = _perfect_scores(build(cfg), evaluator)
     assert scores['coco/bbox_mAP'] == pytest.approx(1.0)
-    assert scores['coco/segm_mAP'] == pytest.approx(1.0)
 
 
 def test_json_written_is_what_coco_expects(tmp_path):

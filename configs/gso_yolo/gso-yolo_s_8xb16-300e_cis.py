@@ -6,7 +6,7 @@ _base_ = [
     '../_base_/schedules/yolov8_sgd_300e.py'
 ]
 
-# UNVERIFIED: set to the number of categories of your CIS release
+# CIS: 10 classes (mmlocal.CISDataset.METAINFO)
 model = dict(bbox_head=dict(num_classes=10))
 
 custom_hooks = _base_.custom_hooks + [

@@ -20,14 +20,26 @@ def _class_key(name) -> str:
 
 @DATASETS.register_module()
 class CISDataset(CocoDataset):
-    """CIS, construction-site instance segmentation, as a checked COCO json.
+    """CIS, the Construction Instance Segmentation dataset, as checked COCO.
 
-    The CIS dataset (Xuzhong Yan et al.) is one of the three benchmarks of
-    GSO-YOLO (arXiv 2407.00906). Its class list and release format could not
-    be verified, so nothing is hard-coded: this is a COCO instance
-    segmentation dataset whose classes are, by default, the ``categories``
-    of the annotation file, in file order. It is also the checked COCO
-    loader :class:`MOCSDataset` builds on.
+    Yan, Zhang, Wu, Lin, Liu, "Construction Instance Segmentation (CIS)
+    dataset for deep learning-based computer vision", Automation in
+    Construction 156 (2023) 105083; release and scripts in the public
+    repository ``XZ-YAN/CIS-Dataset``. One of the three benchmarks of
+    GSO-YOLO (arXiv 2407.00906). Ten categories (:attr:`METAINFO`, spelled as
+    in the repository's ``CIS_statistics_visualizer.py``): workers with and
+    without a helmet, precast components (PC), and seven machines. The
+    release is COCO json with polygon masks, ``category_id`` 0..9 and image
+    ids from 0, laid out (after ``CIS_decoder.py`` has turned the downloaded
+    text parts into JPEGs) as::
+
+        dataset/annotations/{train,val,test}.json    {train,val,test}/<file>
+
+    The categories of the file are checked against the ten names (trimmed,
+    case-insensitive; a file with other categories is an error unless the
+    config sets ``metainfo=dict(classes=...)``, which may then be any subset
+    of the file's categories). Ids starting at 0 are read as they are. This
+    is also the checked COCO loader :class:`MOCSDataset` builds on.
 
     On top of mmdet's :class:`CocoDataset` parsing (``iscrowd`` becomes
     ``ignore_flag=1``, boxes under 1 px are dropped, ``filter_cfg`` as in
@@ -45,10 +57,15 @@ class CISDataset(CocoDataset):
       ``category_id`` is not in ``categories``, whose bbox is not 4 numbers,
       is empty, or leaves the image by more than ``bbox_tolerance`` pixels
       (within it the box is clipped), whose ``area`` is missing or not
-      positive, which has no ``iscrowd`` in ``test_mode`` (pycocotools'
-      evaluation needs it), or, with ``require_masks``, which has no
-      segmentation, a polygon with fewer than 3 points (or an odd number of
-      coordinates) or an RLE whose size is not the image's;
+      positive, or, with ``require_masks``, which has no segmentation, a
+      polygon with fewer than 3 points (or an odd number of coordinates) or
+      an RLE whose size is not the image's;
+    - when a metric will read the file with pycocotools
+      (``metric_reads_ann_file``, by default in ``test_mode``): an
+      annotation without ``iscrowd``, or with id 0 (``COCOeval`` stores the
+      id of the matched ground truth and reads 0 as "unmatched", so a
+      detection matched to annotation 0 would count as a false positive),
+      is an error;
     - an annotation whose ``image_id`` is not in ``images``: an error, or
       with ``on_error='skip'`` a warning and the annotation is left out.
 
@@ -57,10 +74,10 @@ class CISDataset(CocoDataset):
     dropped, as in mmdet. mmdet's :class:`CocoMetric` maps label ``i`` to
     the ``i``-th category of the file whose name is in ``classes``, compared
     exactly, so ``metainfo['classes']`` is set to the selected names as the
-    file spells them, in file order (with a warning when that differs from
-    the configuration). Labels follow that order. Because the classes come
-    from the file, reading :attr:`metainfo` of a ``lazy_init`` dataset
-    loads it.
+    file spells them, in file order (logged when that differs from the
+    configuration; a warning when the config set the classes). Labels
+    follow that order. Because the order comes from the file, reading
+    :attr:`metainfo` of a ``lazy_init`` dataset loads it.
 
     Args:
         on_error (str): ``'raise'`` to stop at the first malformed entry with
@@ -77,6 +94,12 @@ class CISDataset(CocoDataset):
         require_masks (bool): Every non-crowd annotation must have a valid
             ``segmentation`` (``LoadAnnotations(with_mask=True)`` needs one).
             Set False for a detection-only file. Defaults to True.
+        metric_reads_ann_file (bool, optional): A metric (``CocoMetric``
+            with ``ann_file``) evaluates against this json with pycocotools:
+            require ``iscrowd`` and annotation ids other than 0. None (the
+            default) means ``test_mode``; set False when the metric builds
+            its ground truth from the dataset (no ``ann_file``, the
+            ``instances`` meta key), as the CIS configs do.
         data_prefix (dict, optional): ``img`` is the image folder relative to
             ``data_root``. Defaults to ``dict(img='')``.
         **kwargs: Arguments of :class:`mmdet.datasets.CocoDataset`
@@ -84,13 +107,21 @@ class CISDataset(CocoDataset):
             ``pipeline``, ``test_mode``, ``backend_args``, ...).
     """
 
-    METAINFO: dict = {}
+    METAINFO: dict = {
+        'classes':
+        ('people-helmet', 'people-no-helmet', 'PC', 'PC-truck', 'dump-truck',
+         'mixer', 'excavator', 'roller', 'dozer', 'wheel-loader'),
+        'palette': [(220, 20, 60), (255, 128, 0), (128, 128, 128),
+                    (0, 0, 230), (139, 69, 19), (0, 160, 0), (255, 215, 0),
+                    (106, 0, 228), (0, 191, 255), (165, 42, 42)]
+    }
 
     def __init__(self,
                  on_error: str = 'raise',
                  check_image_exists: bool = True,
                  bbox_tolerance: float = 1.0,
                  require_masks: bool = True,
+                 metric_reads_ann_file: Optional[bool] = None,
                  data_prefix: Optional[dict] = None,
                  **kwargs) -> None:
         if on_error not in ('raise', 'skip'):
@@ -102,6 +133,11 @@ class CISDataset(CocoDataset):
         self.check_image_exists = check_image_exists
         self.bbox_tolerance = bbox_tolerance
         self.require_masks = require_masks
+        if metric_reads_ann_file is not None and not isinstance(
+                metric_reads_ann_file, bool):
+            raise ValueError(f'metric_reads_ann_file={metric_reads_ann_file!r}'
+                             ' must be True, False or None')
+        self._metric_reads_ann_file = metric_reads_ann_file
         self._classes_resolved = False
         metainfo = kwargs.get('metainfo')
         # classes given by the config may be a subset of the file's; classes
@@ -111,6 +147,13 @@ class CISDataset(CocoDataset):
         super().__init__(
             data_prefix=dict(img='') if data_prefix is None else data_prefix,
             **kwargs)
+
+    @property
+    def metric_reads_ann_file(self) -> bool:
+        """Whether pycocotools will evaluate against ``ann_file``."""
+        if self._metric_reads_ann_file is None:
+            return bool(self.test_mode)
+        return self._metric_reads_ann_file
 
     @property
     def metainfo(self) -> dict:
@@ -270,12 +313,14 @@ class CISDataset(CocoDataset):
                 self._metainfo['palette'] = [
                     palette[keys.index(_class_key(name))] for name in classes
                 ]
+            # the class METAINFO fixes the names, not the file's order
             print_log(
                 f'{type(self).__name__}: classes follow the spelling and '
                 f'order of the categories in {self.ann_file}, as CocoMetric '
                 f'expects: {classes} (configured: {tuple(wanted)})',
                 logger='current',
-                level=logging.WARNING)
+                level=logging.WARNING
+                if self._classes_from_config else logging.INFO)
         self._metainfo['classes'] = classes
         self.cat_ids = [cat['id'] for cat in selected]
         self.cat2label = {cat_id: i for i, cat_id in enumerate(self.cat_ids)}
@@ -368,9 +413,20 @@ class CISDataset(CocoDataset):
         if not _is_number(area) or area <= 0:
             raise ValueError(f'{where} has area={area!r}, not a positive '
                              'number')
-        if self.test_mode and 'iscrowd' not in ann:
-            raise ValueError(f'{where} has no "iscrowd", which COCO '
-                             'evaluation (CocoMetric with ann_file) needs')
+        if self.metric_reads_ann_file:
+            if 'iscrowd' not in ann:
+                raise ValueError(
+                    f'{where} has no "iscrowd", which COCO evaluation '
+                    '(CocoMetric with ann_file) needs; or evaluate from the '
+                    'dataset (no ann_file, metric_reads_ann_file=False)')
+            if ann['id'] == 0:
+                raise ValueError(
+                    f'{where}: pycocotools\' COCOeval reads annotation id 0 '
+                    'as "unmatched", so a detection matched to it would '
+                    'count as a false positive. Renumber the annotation ids '
+                    'from 1, or evaluate from the dataset (CocoMetric '
+                    'without ann_file, the "instances" meta key in the test '
+                    'pipeline, metric_reads_ann_file=False)')
         if self.require_masks:
             self._check_segmentation(
                 ann.get('segmentation'), width, height, where)

@@ -1,9 +1,13 @@
-# CIS (construction-site instance segmentation; Xuzhong Yan et al.): the
-# release format and classes are UNVERIFIED (docs/datasets.md). This assumes
-# COCO json instance segmentation in COCO's own layout:
-#   data/CIS/annotations/instances_{train,val}.json   data/CIS/{train,val}/
-# Adapt ann_file / data_prefix to the release. Classes are read from the
-# json's categories (set `metainfo=dict(classes=...)` to pick a subset).
+# CIS, Construction Instance Segmentation (Yan et al., Automation in
+# Construction 156 (2023) 105083; XZ-YAN/CIS-Dataset): 10 classes, COCO json
+# with polygon masks, category and image ids from 0. data_root is the
+# release's folder after its CIS_decoder.py has decoded the images:
+#   data/CIS/dataset/annotations/{train,val,test}.json
+#   data/CIS/{train,val,test}/<file_name>
+# The metric builds its ground truth from the dataset (the 'instances' meta
+# key, no ann_file): it does not depend on the file's ids (pycocotools reads
+# an annotation id 0 as "unmatched") or on an 'iscrowd' field. See
+# docs/datasets.md.
 dataset_type = 'mmlocal.CISDataset'
 data_root = 'data/CIS/'
 img_scale = (1333, 800)
@@ -24,7 +28,7 @@ test_pipeline = [
     dict(
         type='PackDetInputs',
         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                   'scale_factor')),
+                   'scale_factor', 'instances')),
 ]
 train_dataloader = dict(
     batch_size=2,
@@ -35,7 +39,7 @@ train_dataloader = dict(
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        ann_file='annotations/instances_train.json',
+        ann_file='dataset/annotations/train.json',
         data_prefix=dict(img='train/'),
         filter_cfg=dict(filter_empty_gt=True, min_size=32),
         # malformed entries or missing images: 'raise' or 'skip'
@@ -52,18 +56,37 @@ val_dataloader = dict(
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        ann_file='annotations/instances_val.json',
+        ann_file='dataset/annotations/val.json',
         data_prefix=dict(img='val/'),
         test_mode=True,
+        metric_reads_ann_file=False,
         on_error='raise',
         check_image_exists=True,
         pipeline=test_pipeline,
         backend_args=backend_args))
-test_dataloader = val_dataloader
+test_dataloader = dict(
+    batch_size=1,
+    num_workers=2,
+    persistent_workers=True,
+    drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        ann_file='dataset/annotations/test.json',
+        data_prefix=dict(img='test/'),
+        test_mode=True,
+        metric_reads_ann_file=False,
+        on_error='raise',
+        check_image_exists=True,
+        pipeline=test_pipeline,
+        backend_args=backend_args))
 
+# no ann_file: ground truth from the dataset's instances (ids renumbered by
+# mmdet's CocoMetric); the GT 'area' is then the box's, which only moves the
+# small/medium/large split, not mAP
 val_evaluator = dict(
     type='CocoMetric',
-    ann_file=data_root + 'annotations/instances_val.json',
     metric=['bbox', 'segm'],
     format_only=False,
     backend_args=backend_args)
