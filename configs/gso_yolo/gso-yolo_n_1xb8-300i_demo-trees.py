@@ -6,7 +6,7 @@ _base_ = './yolov8_n_1xb8-300i_demo-trees.py'
 model = dict(
     backbone=dict(
         gom=dict(type='mmlocal.GAMAttention', reduction=4),
-        scm=dict(type='mmlocal.EMAttention', groups=8)),
+        scm=dict(type='mmlocal.EMAttention', groups=32)),
     bbox_head=dict(
         loss_bbox=dict(
             _delete_=True,

@@ -13,11 +13,14 @@ class EMAttention(BaseModule):
     Steady Capture Module (SCM).
 
     GSO-YOLO (Zhang et al., arXiv 2407.00906) places SCM after the SPPF of
-    its YOLOv8 backbone; the sources available to us only say it builds on
-    "EMA". We read that as Efficient Multi-scale Attention (Ouyang et al.,
-    `Efficient Multi-Scale Attention Module with Cross-Spatial Learning
-    <https://arxiv.org/abs/2305.13563>`_, ICASSP 2023), the usual meaning in
-    YOLO papers; the backbone's ``scm`` option takes any block.
+    its YOLOv8 backbone. The only text of the paper we could reach names the
+    module "Exponential Moving Average (EMA"; we read it as Efficient
+    Multi-scale Attention (Ouyang et al., `Efficient Multi-Scale Attention
+    Module with Cross-Spatial Learning <https://arxiv.org/abs/2305.13563>`_,
+    ICASSP 2023), the attention block usually called EMA in YOLO papers (a
+    moving average of weights is not a layer after SPPF); the backbone's
+    ``scm`` option takes any block. Nothing reachable gives GSO-YOLO's group
+    count.
 
     The channels are split into ``G`` groups, each processed as a
     (C/G)-channel map ``x_g`` (batch B*G) by two parallel branches:
@@ -39,14 +42,17 @@ class EMAttention(BaseModule):
 
     Args:
         channels (int): Channels of the input (and output).
-        groups (int): Channel groups ``G`` (the paper's factor). Must divide
-            ``channels``. Defaults to 8.
+        groups (int): Channel groups ``G`` (``factor`` in the EMA authors'
+            code, whose default is 32; GSO-YOLO gives no value). Must divide
+            ``channels``. Defaults to 32: the reference default, and it
+            divides the SCM input at every YOLOv8 width (n 256, s 512,
+            m 576, l 512, x 640 channels: 8 to 20 channels a group).
         init_cfg (dict or list[dict], optional): Initialization config.
     """
 
     def __init__(self,
                  channels: int,
-                 groups: int = 8,
+                 groups: int = 32,
                  init_cfg: OptMultiConfig = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if not isinstance(groups, int) or groups < 1 or channels % groups:
