@@ -1,4 +1,5 @@
 """MLAAN (MLAANAux): cascade span, leap augmented modules, EMA copies."""
+import copy
 import warnings
 from types import SimpleNamespace
 
@@ -8,8 +9,11 @@ from mmengine.optim import OptimWrapper
 
 from local_utils import TINY_FCN, det_batch, grads, seg_batch
 from mmlocal.engine.hooks import MomentumAuxHook
+from mmlocal.models.local.aux.auglocal import uniform_layer_indices
 from test_local_cascade import _step, cascade_aux
 from test_local_learner import build, module_params
+from test_momentum_aux import (bn_modes, norm_eval_model, pretend_pretrained,
+                               record_io)
 
 
 def mlaan(**kwargs):
@@ -105,8 +109,54 @@ def test_one_training_step(task):
     (dict(cascade_span=5), 'cascade_span'),
     (dict(cascade_span=0), 'cascade_span'),
     (dict(aux_depth=0), 'aux_depth'),
+    (dict(aux_depth=[2, 2]), 'aux_depth'),
+    (dict(aux_depth=[2, 0, 1]), 'aux_depth'),
     (dict(stage_transition='copy'), 'stage_transition'),
 ])
 def test_bad_options_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build(num_modules=4, aux=mlaan(**kwargs))
+
+
+def test_per_module_aux_depth():
+    """A list gives each module its own leap depth (the reference tables
+    go from deep to shallow); an int is the same for every module."""
+    depths = [3, 2, 1]
+    learner = build(num_modules=4, aux=mlaan(aux_depth=depths))
+    per_int = [build(num_modules=4, aux=mlaan(aux_depth=d)).aux_nets[k]
+               for k, d in enumerate(depths)]
+    n = learner._seq.num_blocks
+    for k, (aux, d) in enumerate(zip(learner.aux_nets, depths)):
+        end = learner.module_ranges[k][1]
+        assert aux.aux_depth == d
+        assert aux.sampled_layers == uniform_layer_indices(end, n + 1, d)
+        assert aux.sampled_blocks == per_int[k].sampled_blocks
+        assert len(aux.sampled_blocks) == d
+    assert [len(a.post) for a in learner.aux_nets] != \
+        [len(a.post) for a in build(num_modules=4,
+                                    aux=mlaan(aux_depth=2)).aux_nets]
+
+
+def test_ema_copy_normalises_as_its_source_with_norm_eval():
+    """mmdet's norm_eval=True: the live blocks use frozen statistics, and so
+    does each EMA copy, which equals its source at iteration 0."""
+    learner = build(norm_eval_model(True), num_modules=4, aux=mlaan())
+    pretend_pretrained(learner)
+    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.05))
+    hook = MomentumAuxHook()
+    runner = SimpleNamespace(model=learner, optim_wrapper=ow, iter=0)
+    hook.before_train(runner)
+    refs = [copy.deepcopy(aux.source) for aux in learner.aux_nets]
+    records = [record_io(aux.ema) for aux in learner.aux_nets]
+    hook.before_train_iter(runner, 0)
+    learner.train_step(det_batch(), ow)
+    hook.after_train_iter(runner, 0)
+    for aux, ref, (seen, handle) in zip(learner.aux_nets, refs, records):
+        handle.remove()
+        assert bn_modes(aux.ema) and not any(bn_modes(aux.ema))
+        # fresh LB and later copies keep batch statistics
+        assert all(bn_modes(aux.lb))
+        assert len(seen) == 1  # every module's cascade aux ran once
+        x, y = seen[0]
+        with torch.no_grad():
+            torch.testing.assert_close(y, ref(x), rtol=1e-6, atol=1e-6)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mmengine.optim import OptimWrapper
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from local_utils import (TINY_FCN, TINY_RETINANET, KeepGradsOptimWrapper,
                          det_batch, grads, seg_batch, small_aux)
@@ -133,3 +134,164 @@ def test_bad_momentum_and_last_module():
     with pytest.raises(ValueError, match='momentum'):
         build(num_modules=2, aux=man(momentum=0.0))
     assert TINY_RETINANET  # the tiny model has a next block for K=2..8
+
+
+def norm_eval_model(norm_eval):
+    """The tiny RetinaNet with mmdet's ``norm_eval`` set as asked."""
+    model = copy.deepcopy(TINY_RETINANET)
+    model['backbone'] = dict(model['backbone'], norm_eval=norm_eval)
+    return model
+
+
+def pretend_pretrained(learner):
+    """Give the backbone's BN layers non-trivial running statistics and
+    affine weights (as pretrained weights would; the random init zeroes the
+    last BN of each residual branch), then put the learner in train mode as
+    the runner does (mmdet's ``norm_eval`` takes effect there)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in learner.model.backbone.modules():
+            if isinstance(m, _BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(
+                    torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(
+                    torch.rand(m.running_var.shape, generator=g) + 0.5)
+    learner.train()
+
+
+def record_io(module):
+    """Record ``(input, output)`` of every call of ``module``."""
+    seen = []
+
+    def hook(mod, args, out):
+        seen.append((args[0].detach().clone(), out.detach().clone()))
+
+    return seen, module.register_forward_hook(hook)
+
+
+def bn_modes(module):
+    return [m.training for m in module.modules()
+            if isinstance(m, _BatchNorm)]
+
+
+@pytest.mark.parametrize('norm_eval', [True, False])
+def test_copies_from_the_source_compute_the_source_block(norm_eval):
+    """At iteration 0 the EMA copy (and LB started from the source) is
+    ``B``: same output on the same input, normalised as ``B`` is (frozen
+    statistics with mmdet's ``norm_eval=True``, batch ones otherwise)."""
+    learner = build(norm_eval_model(norm_eval), num_modules=3,
+                    aux=man(init_lb_from_source=True))
+    pretend_pretrained(learner)
+    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.05))
+    hook, runner = MomentumAuxHook(), _runner(learner, ow)
+    hook.before_train(runner)
+    refs, records = [], []
+    for aux in learner.aux_nets:
+        # B at iteration 0, in the modes the backbone put it in
+        refs.append(copy.deepcopy(aux.source))
+        assert all(t is not norm_eval for t in bn_modes(aux.source))
+        records += [record_io(aux.ema), record_io(aux.lb)]
+    hook.before_train_iter(runner, 0)
+    learner.train_step(det_batch(), ow)
+    hook.after_train_iter(runner, 0)
+    for handle in [r[1] for r in records]:
+        handle.remove()
+    for k, aux in enumerate(learner.aux_nets):
+        for seen, _ in records[2 * k:2 * k + 2]:
+            assert len(seen) == 1
+            x, y = seen[0]
+            with torch.no_grad():
+                torch.testing.assert_close(y, refs[k](x), rtol=1e-6,
+                                           atol=1e-6)
+                if norm_eval:  # not vacuous: batch statistics differ
+                    train_mode = copy.deepcopy(refs[k]).train()
+                    assert not torch.allclose(y, train_mode(x), atol=1e-3)
+        assert bn_modes(aux.ema) == bn_modes(aux.source)
+        assert bn_modes(aux.lb) == bn_modes(aux.source)
+
+
+def test_fresh_lb_keeps_batch_statistics_under_norm_eval():
+    learner = build(norm_eval_model(True), num_modules=2, aux=man())
+    pretend_pretrained(learner)
+    learner.train_step(det_batch(), KeepGradsOptimWrapper(
+        torch.optim.SGD(learner.parameters(), lr=0.1)))
+    aux = learner.aux_nets[0]
+    assert bn_modes(aux.ema) and not any(bn_modes(aux.ema))
+    assert bn_modes(aux.lb) and all(bn_modes(aux.lb))
+
+
+@pytest.mark.parametrize('norm_eval', [True, False])
+def test_frozen_statistics_are_averaged(norm_eval):
+    """With ``norm_eval`` the source's frozen running statistics are part of
+    its function: the EMA averages them (the reference initialisation:
+    ``init_ema_from_source=False``). Train-mode statistics are left to BN
+    unless ``ema_buffers`` (unchanged behaviour)."""
+    learner = build(norm_eval_model(norm_eval), num_modules=2,
+                    aux=man(momentum=0.9, init_ema_from_source=False))
+    pretend_pretrained(learner)
+    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.05))
+    hook, runner = MomentumAuxHook(), _runner(learner, ow)
+    hook.before_train(runner)
+    aux = learner.aux_nets[0]
+    old = [b.clone() for b in aux.ema.buffers()]
+    hook.before_train_iter(runner, 0)
+    learner.train_step(det_batch(), ow)
+    mid = [b.clone() for b in aux.ema.buffers()]
+    hook.after_train_iter(runner, 0)
+    rows = [row for row in zip(old, mid, aux.ema.buffers(),
+                               aux.source.buffers())
+            if row[0].dtype.is_floating_point]
+    assert rows
+    for o, before_update, b, s in rows:
+        if norm_eval:  # frozen in the forward, averaged by the update
+            assert torch.equal(before_update, o)
+            torch.testing.assert_close(b, 0.9 * o + 0.1 * s)
+        else:  # batch statistics: BN's own update only, not the hook's
+            assert not torch.equal(before_update, o)
+            assert torch.equal(b, before_update)
+
+
+@pytest.mark.parametrize('name', [
+    'man_retinanet_r50_fpn_k4_8xb2-1x_coco.py',
+    'manpp_retinanet_r50_fpn_k4_8xb2-1x_coco.py',
+    'man_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py',
+    'manpp_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py'])
+def test_detection_configs_use_the_reference_loss(name):
+    """MAN++'s COCO code trains the aux nets with the detection loss at
+    weight 1 and no reconstruction term."""
+    from mmengine.config import Config
+    from conftest import REPO
+    cfg = Config.fromfile(f'{REPO}/configs/local/{name}')
+    assert cfg.model.aux.recon_weight is None
+    assert cfg.model.aux.task_weight == 1.0
+
+
+def test_update_from_before_step_uses_the_weights_of_the_forward():
+    """``update_from='before_step'``: the reference's order (update after
+    the local backward, before ``optimizer.step()``)."""
+    learner = build(num_modules=3, aux=man(momentum=0.9))
+    ow = OptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.05))
+    hook = MomentumAuxHook(update_from='before_step')
+    runner = _runner(learner, ow)
+    hook.before_train(runner)
+    aux = learner.aux_nets[0]
+    pre_step = [p.detach().double() for p in aux.ema.parameters()]
+    post_step = list(pre_step)
+    for i in range(2):
+        before = [p.detach().double() for p in aux.source.parameters()]
+        hook.before_train_iter(runner, i)
+        learner.train_step(det_batch(seed=i), ow)
+        hook.after_train_iter(runner, i)
+        pre_step = [0.9 * e + 0.1 * s for e, s in zip(pre_step, before)]
+        post_step = [0.9 * e + 0.1 * s.detach().double()
+                     for e, s in zip(post_step, aux.source.parameters())]
+    off = []
+    for e, a, p in zip(pre_step, post_step, aux.ema.parameters()):
+        ulp = torch.finfo(torch.float32).eps * e.abs().clamp(min=1)
+        assert ((p.double() - e).abs() <= 3 * ulp).all()
+        off.append(((p.double() - a).abs() > 1e-5).any())
+    assert any(off)  # not the after-step average
+    with pytest.raises(ValueError, match='update_from'):
+        MomentumAuxHook(update_from='later')

@@ -8,7 +8,14 @@ model = dict(
     # memory-balanced for MAN's aux nets (plan_split.py at 1x3x800x1333:
     # estimated step peak 1.23 GiB at [6, 9, 12], 993 MiB here)
     split_points=[4, 7, 14],
-    aux=dict(_delete_=True, type='mmlocal.MomentumAux', momentum=0.995))
+    aux=dict(
+        _delete_=True,
+        type='mmlocal.MomentumAux',
+        momentum=0.995,
+        # MAN++'s COCO code (retinanet.py): detection loss at weight 1, no
+        # reconstruction term (InfoPro's 1.5 is a segmentation setting)
+        recon_weight=None,
+        task_weight=1.0))
 custom_hooks = [
     dict(type='mmlocal.PeakMemoryHook', interval=50),
     dict(type='mmlocal.MomentumAuxHook')

@@ -5,7 +5,14 @@
 _base_ = './infopro_retinanet_r50_fpn_k4_8xb2-1x_coco.py'
 
 model = dict(
-    aux=dict(_delete_=True, type='mmlocal.MomentumAux', momentum=0.995))
+    aux=dict(
+        _delete_=True,
+        type='mmlocal.MomentumAux',
+        momentum=0.995,
+        # MAN++'s COCO code (retinanet.py): detection loss at weight 1, no
+        # reconstruction term (InfoPro's 1.5 is a segmentation setting)
+        recon_weight=None,
+        task_weight=1.0))
 custom_hooks = [
     dict(type='mmlocal.PeakMemoryHook', interval=50),
     dict(type='mmlocal.MomentumAuxHook')

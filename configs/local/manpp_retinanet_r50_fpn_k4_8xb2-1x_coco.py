@@ -9,7 +9,11 @@ model = dict(
         _delete_=True,
         type='mmlocal.MomentumAux',
         momentum=0.995,
-        learnable_scale=True))
+        learnable_scale=True,
+        # MAN++'s COCO code (retinanet.py): detection loss at weight 1, no
+        # reconstruction term (InfoPro's 1.5 is a segmentation setting)
+        recon_weight=None,
+        task_weight=1.0))
 custom_hooks = [
     dict(type='mmlocal.PeakMemoryHook', interval=50),
     dict(type='mmlocal.MomentumAuxHook')

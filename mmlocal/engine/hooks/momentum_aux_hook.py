@@ -26,6 +26,14 @@ class MomentumAuxHook(Hook):
     - ``LocalLearner(nan_guard='skip')`` dropped the iteration (its
       ``last_iter_skipped``).
 
+    ``update_from`` chooses ``theta_B``: ``'after_step'`` (default) the
+    weights the optimizer step just produced; ``'before_step'`` the weights
+    this iteration's forward used (kept before the iteration), which is the
+    reference code's order (its update runs after each local backward,
+    before ``optimizer.step()``). The two differ by one step of ``B`` in the
+    average (weight ``1 - m`` on the newest term); ``'before_step'`` holds
+    a copy of each source block's parameters during the iteration.
+
     Before the first iteration of a fresh run (iteration 0, i.e. not resumed;
     pretrained weights are loaded by then) the copies are initialised from
     their source block when the aux net asks for it. The EMA copies are
@@ -35,6 +43,15 @@ class MomentumAuxHook(Hook):
     """
 
     priority = 'ABOVE_NORMAL'  # before EMAHook (NORMAL) reads the weights
+
+    UPDATE_FROM = ('after_step', 'before_step')
+
+    def __init__(self, update_from='after_step'):
+        if update_from not in self.UPDATE_FROM:
+            raise ValueError(f'update_from={update_from!r} must be one of '
+                             f'{self.UPDATE_FROM}')
+        self.update_from = update_from
+        self._kept = None
 
     def before_train(self, runner):
         for aux in _momentum_auxes(runner.model):
@@ -46,9 +63,14 @@ class MomentumAuxHook(Hook):
         wrapper = runner.optim_wrapper
         self._scale = (wrapper.loss_scaler.get_scale() if isinstance(
             wrapper, AmpOptimWrapper) else None)
+        self._kept = None
+        if self.update_from == 'before_step':
+            self._kept = [aux.source_parameters()
+                          for aux in _momentum_auxes(runner.model)]
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None):
+        kept, self._kept = self._kept, None
         wrapper = runner.optim_wrapper
         model = runner.model.module if is_model_wrapper(runner.model) \
             else runner.model
@@ -59,5 +81,5 @@ class MomentumAuxHook(Hook):
         if self._scale is not None and \
                 wrapper.loss_scaler.get_scale() < self._scale:
             return  # AMP found inf/nan and skipped the step
-        for aux in _momentum_auxes(runner.model):
-            aux.update_ema()
+        for i, aux in enumerate(_momentum_auxes(runner.model)):
+            aux.update_ema(None if kept is None else kept[i])

@@ -1,6 +1,7 @@
 import warnings
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def check_momentum(momentum):
@@ -8,6 +9,17 @@ def check_momentum(momentum):
     if isinstance(momentum, bool) or not isinstance(
             momentum, (int, float)) or not 0.0 < momentum < 1.0:
         raise ValueError(f'momentum={momentum!r} must be in (0, 1)')
+
+
+def _norm_pairs(copy_, source):
+    """``(copy BN, source BN)`` pairs of a deep copy and its source, in
+    module order."""
+    pairs = [(a, b) for a, b in zip(copy_.modules(), source.modules())
+             if isinstance(b, _BatchNorm)]
+    if any(not isinstance(a, _BatchNorm) for a, _ in pairs):
+        raise RuntimeError('a momentum copy no longer has the structure of '
+                           'its source block')
+    return pairs
 
 
 class MomentumCopyMixin:
@@ -22,6 +34,19 @@ class MomentumCopyMixin:
 
     .. math::
         \\theta_{EMA} \\leftarrow m\\,\\theta_{EMA} + (1 - m)\\,\\theta_{src}
+
+    **Normalisation.** Each BN layer of the EMA copy runs in the mode of
+    the source's BN layer (:meth:`follow_source_norm`, called before the
+    copies run): with mmdet's ``norm_eval=True`` the live block normalises
+    with its frozen running statistics, and so does its EMA copy, so that
+    ``EMA(h) = B(h)`` when the copy starts from the source. The statistics
+    of such a frozen source layer are part of the function it computes, so
+    :meth:`update_ema` averages them too; ``ema_buffers`` decides only for
+    BN layers in train mode (which read batch statistics). LB follows the
+    source's modes only when it starts from the source
+    (``init_lb_from_source``); with fresh weights it has no statistics to
+    freeze and keeps batch statistics, as in the reference code (where
+    every block trains in train mode).
 
     The class using it sets ``momentum``, ``init_ema_from_source``,
     ``init_lb_from_source``, ``ema_buffers`` and calls
@@ -40,6 +65,28 @@ class MomentumCopyMixin:
         """The live block the EMA copy follows."""
         return self._source[0]
 
+    def _following_copies(self):
+        copies = [self.ema]
+        if self.init_lb_from_source:
+            copies.append(self.lb)
+        return copies
+
+    def follow_source_norm(self):
+        """Put each BN layer of the EMA copy (and of LB when it starts from
+        the source) in the train/eval mode of the source's BN layer.
+
+        Run before the copies run (mmdet applies ``norm_eval`` in the
+        backbone's ``train()``; the copies live outside the backbone).
+        Pairs are found afresh each time, so a later SyncBN conversion
+        is followed too.
+        """
+        if not self.training:
+            return
+        for copy_ in self._following_copies():
+            for bn_copy, bn_src in _norm_pairs(copy_, self.source):
+                if bn_copy.training != bn_src.training:
+                    bn_copy.train(bn_src.training)
+
     @torch.no_grad()
     def sync_from_source(self):
         """Copy the source into the EMA (and LB) copy as the options ask."""
@@ -49,15 +96,33 @@ class MomentumCopyMixin:
             self.lb.load_state_dict(self.source.state_dict())
 
     @torch.no_grad()
-    def update_ema(self):
-        """``theta_EMA <- m * theta_EMA + (1 - m) * theta_src``; BN
-        statistics too when ``ema_buffers`` (integer buffers copied)."""
+    def source_parameters(self):
+        """A copy of the source's parameters as they are now (for an update
+        from the weights before the optimizer step)."""
+        return [p.detach().clone() for p in self.source.parameters()]
+
+    @torch.no_grad()
+    def update_ema(self, source_params=None):
+        """``theta_EMA <- m * theta_EMA + (1 - m) * theta_src``; the BN
+        statistics too where the source's BN layer is in eval mode (frozen
+        statistics, e.g. mmdet's ``norm_eval``), and everywhere when
+        ``ema_buffers`` (integer buffers copied).
+
+        Args:
+            source_params (list[Tensor], optional): ``theta_src`` as kept by
+                :meth:`source_parameters`; default: the source's current
+                parameters.
+        """
         m = self.momentum
         ema = list(self.ema.parameters())
-        src = [p.detach() for p in self.source.parameters()]
-        if self.ema_buffers:
-            for b_ema, b_src in zip(self.ema.buffers(),
-                                    self.source.buffers()):
+        src = [p.detach() for p in self.source.parameters()] \
+            if source_params is None else list(source_params)
+        for m_ema, m_src in zip(self.ema.modules(), self.source.modules()):
+            frozen = isinstance(m_src, _BatchNorm) and not m_src.training
+            if not (self.ema_buffers or frozen):
+                continue
+            for b_ema, b_src in zip(m_ema.buffers(recurse=False),
+                                    m_src.buffers(recurse=False)):
                 if b_ema.dtype.is_floating_point:
                     ema.append(b_ema)
                     src.append(b_src)

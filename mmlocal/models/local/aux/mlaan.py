@@ -45,15 +45,20 @@ class MLAANAux(MomentumCopyMixin, CascadeLocalAux):
         module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
         cascade_span (int): ``w``, 2 or 3 in the reference. Default 2.
         momentum (float): ``m`` in (0, 1). Default 0.995 (README).
-        aux_depth (int): ``d``, blocks of the leap stack. Default 2.
+        aux_depth (int | list[int]): ``d``, blocks of the leap stack: one
+            for every module, or one per module ``0..K-2`` (the reference
+            tables go from deep to shallow, e.g. ImageNet ResNet-34 K=16:
+            5 -> 2). Default 2.
         stage_transition (str): How sampled blocks are made
             shape-consistent, see :func:`plan_block_stack`.
         init_ema_from_source (bool): Start ``EMA_k`` equal to ``B_{j_1}``
             (after pretrained weights are loaded). Default True.
         init_lb_from_source (bool): Start ``LB_k`` equal to it too.
             Default False.
-        ema_buffers (bool): Also average BN running statistics. Default
-            False (reference: parameters only).
+        ema_buffers (bool): Also average the running statistics of BN
+            layers in train mode; those of a source layer in eval mode
+            (``norm_eval``) always are. Default False (reference:
+            parameters only). See :class:`MomentumCopyMixin`.
         recon_weight (float, optional): Reconstruction term of the cascade
             aux. Default None (the reference's cascade loss is CE only).
         **kwargs: :class:`CascadeLocalAux` options (``independent_weight``,
@@ -72,9 +77,21 @@ class MLAANAux(MomentumCopyMixin, CascadeLocalAux):
                  recon_weight=None,
                  **kwargs):
         check_momentum(momentum)
-        if isinstance(aux_depth, bool) or not isinstance(
-                aux_depth, int) or aux_depth < 1:
-            raise ValueError(f'aux_depth={aux_depth!r} must be an int >= 1')
+        depths = aux_depth if isinstance(aux_depth, (list, tuple)) \
+            else [aux_depth]
+        if isinstance(aux_depth, (list, tuple)) and \
+                len(aux_depth) != module_info.num_modules - 1:
+            raise ValueError(
+                f'aux_depth={aux_depth!r} needs one depth per module with an '
+                f'auxiliary net ({module_info.num_modules - 1} for K='
+                f'{module_info.num_modules})')
+        if not depths or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1
+                for d in depths):
+            raise ValueError(f'aux_depth={aux_depth!r} must be an int >= 1 '
+                             'or a list of them')
+        if isinstance(aux_depth, (list, tuple)):
+            aux_depth = aux_depth[module_info.index]
         if stage_transition not in STAGE_TRANSITIONS:
             raise ValueError(f'stage_transition={stage_transition!r} must '
                              f'be one of {STAGE_TRANSITIONS}')
@@ -120,6 +137,7 @@ class MLAANAux(MomentumCopyMixin, CascadeLocalAux):
 
     def transform(self, h):
         self._warn_if_not_driven()
+        self.follow_source_norm()
         z = self.run_stack(self.pre, h)
         z = self.segment(self.lb, z) + self.segment(self.ema, z)
         return self.run_stack(self.post, z)

@@ -39,8 +39,13 @@ class MomentumAux(MomentumCopyMixin, InfoProAux):
             copies are re-initialised). Default True.
         init_lb_from_source (bool): Start ``LB_k`` equal to ``B`` too.
             Default False (reference: fresh initialisation).
-        ema_buffers (bool): Also average BN running statistics. The reference
-            averages parameters only. Default False.
+        ema_buffers (bool): Also average the running statistics of BN
+            layers in train mode (which read batch statistics while
+            training). Those of a source BN layer in eval mode (mmdet's
+            ``norm_eval``) are always averaged, and the EMA copy's BN layers
+            run in their source's mode (see :class:`MomentumCopyMixin`).
+            The reference averages parameters only, all in train mode.
+            Default False.
         **kwargs: InfoProAux options (``recon_weight``, ``task_weight``,
             heads).
     """
@@ -95,6 +100,7 @@ class MomentumAux(MomentumCopyMixin, InfoProAux):
 
     def transform(self, h):
         self._warn_if_not_driven()
+        self.follow_source_norm()
         s = self.scale
         return s * self.segment(self.lb, h) + \
             (2 - s) * self.segment(self.ema, h)
