@@ -11,6 +11,11 @@ scope (mmdet or mmseg), so components must use explicit prefixes
 
 Model wrappers are looked up in the root registry by the Runner without a
 scope switch, so write ``type='mmlocal.<Wrapper>'`` in ``model_wrapper_cfg``.
+
+mmlocal registers no metric, evaluator, visualizer, vis backend or
+inferencer (it evaluates, draws and infers with mmdet's and mmseg's, and
+``tools/deploy.py`` turns a trained model into a stock one): those child
+registries exist for code that extends mmlocal and have no ``locations``.
 """
 from mmengine.registry import DATA_SAMPLERS as MMENGINE_DATA_SAMPLERS
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
@@ -97,23 +102,18 @@ PARAM_SCHEDULERS = Registry(
 
 # evaluation, visualisation, logging
 METRICS = Registry(
-    'metric', parent=MMENGINE_METRICS, scope=SCOPE,
-    locations=['mmlocal.evaluation'])
+    'metric', parent=MMENGINE_METRICS, scope=SCOPE)
 EVALUATOR = Registry(
-    'evaluator', parent=MMENGINE_EVALUATOR, scope=SCOPE,
-    locations=['mmlocal.evaluation'])
+    'evaluator', parent=MMENGINE_EVALUATOR, scope=SCOPE)
 VISUALIZERS = Registry(
-    'visualizer', parent=MMENGINE_VISUALIZERS, scope=SCOPE,
-    locations=['mmlocal.visualization'])
+    'visualizer', parent=MMENGINE_VISUALIZERS, scope=SCOPE)
 VISBACKENDS = Registry(
-    'vis_backend', parent=MMENGINE_VISBACKENDS, scope=SCOPE,
-    locations=['mmlocal.visualization'])
+    'vis_backend', parent=MMENGINE_VISBACKENDS, scope=SCOPE)
 LOG_PROCESSORS = Registry(
     'log_processor', parent=MMENGINE_LOG_PROCESSORS, scope=SCOPE,
     locations=['mmlocal.engine'])
 INFERENCERS = Registry(
-    'inferencer', parent=MMENGINE_INFERENCERS, scope=SCOPE,
-    locations=['mmlocal.apis'])
+    'inferencer', parent=MMENGINE_INFERENCERS, scope=SCOPE)
 FUNCTIONS = Registry(
     'function', parent=MMENGINE_FUNCTIONS, scope=SCOPE,
     locations=['mmlocal.engine'])

@@ -125,3 +125,22 @@ def test_package_import_is_light():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == '[]'
+
+
+def test_no_empty_package():
+    """Every mmlocal package holds code (a package with only a comment in
+    its ``__init__.py`` promises an API that does not exist)."""
+    import ast
+    import os
+    import os.path as osp
+    root = osp.join(REPO, 'mmlocal')
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != '__pycache__']
+        if '__init__.py' not in filenames:
+            continue
+        modules = [f for f in filenames
+                   if f.endswith('.py') and f != '__init__.py']
+        with open(osp.join(dirpath, '__init__.py')) as f:
+            body = ast.parse(f.read()).body
+        assert modules or dirnames or body, \
+            f'{osp.relpath(dirpath, REPO)} is an empty package'

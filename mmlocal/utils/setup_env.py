@@ -20,7 +20,6 @@ def register_all_modules(init_default_scope=True):
     """
     import mmlocal.datasets  # noqa: F401,F403
     import mmlocal.engine  # noqa: F401,F403
-    import mmlocal.evaluation  # noqa: F401,F403
     import mmlocal.models  # noqa: F401,F403
     from .checkpoint import enable_trusted_checkpoints
     enable_trusted_checkpoints()
