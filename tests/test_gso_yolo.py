@@ -266,7 +266,11 @@ def test_every_config_parses_and_differs_as_named(cached_external_cfg_lookup):
         scm = model.backbone.get('scm')
         loss = model.bbox_head.loss_bbox.type
         if name.startswith('yolov8_'):
-            assert (gom, scm, loss) == (None, None, 'CIoULoss'), name
+            # additive ablations: yolov8_s_{gom,scm,aiou}_...
+            assert (gom is not None) == ('_gom_' in name), name
+            assert (scm is not None) == ('_scm_' in name), name
+            assert loss == ('mmlocal.AIoULoss'
+                            if '_aiou_' in name else 'CIoULoss'), name
         else:
             assert name.startswith('gso-yolo_'), name
             assert (gom is None) == ('wo-gom' in name), name
@@ -277,3 +281,32 @@ def test_every_config_parses_and_differs_as_named(cached_external_cfg_lookup):
             assert model.bbox_head.num_classes == 15, name
         elif name.endswith('_mocs.py'):
             assert model.bbox_head.num_classes == 13, name
+
+
+@pytest.mark.parametrize('part', ['gom', 'scm', 'aiou'])
+def test_additive_ablation_adds_gso_yolos_component(part):
+    """``yolov8_s_{part}_...`` is YOLOv8-s with exactly one of GSO-YOLO-s's
+    components, configured as in GSO-YOLO-s, and it builds."""
+    from mmengine.registry import MODELS
+
+    def model_of(name):
+        cfg = Config.fromfile(osp.join(CONFIG_DIR, name))
+        return cfg, cfg.model.to_dict()
+
+    _, base = model_of('yolov8_s_8xb16-300e_soda.py')
+    _, gso = model_of('gso-yolo_s_8xb16-300e_soda.py')
+    cfg, model = model_of(f'yolov8_s_{part}_8xb16-300e_soda.py')
+    expected = copy.deepcopy(base)
+    if part == 'aiou':
+        expected['bbox_head']['loss_bbox'] = gso['bbox_head']['loss_bbox']
+    else:
+        expected['backbone'][part] = gso['backbone'][part]
+    assert model == expected
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        detector = MODELS.build(cfg.model)
+    last = [type(m).__name__ for m in detector.backbone.stage4]
+    assert last[2:] == {'gom': ['GAMAttention', 'SPPF'],
+                        'scm': ['SPPF', 'EMAttention'],
+                        'aiou': ['SPPF']}[part]
+    assert type(detector.bbox_head.loss_bbox).__name__ == \
+        ('AIoULoss' if part == 'aiou' else 'CIoULoss')
