@@ -139,6 +139,157 @@ def test_amp_and_clipping_ranks_identical(worker_states):
                for k in fp32) > 1e-5  # autocast was on
 
 
+def _worker_module():
+    spec = importlib.util.spec_from_file_location('local_ddp_worker', WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    return worker
+
+
+def test_overlapped_reduce_equals_one_block_and_one_process(worker_states):
+    """The default wrapper (each module's all-reduce started after its
+    local backward) gives the update of overlap_grad_reduce=False to 1e-6;
+    both equal one process over the combined batch."""
+    _assert_ranks_equal_single(worker_states, '_old')
+    new, old = worker_states('rank0'), worker_states('rank0', '_old')
+    assert new.keys() == old.keys()
+    for key in old:
+        torch.testing.assert_close(new[key], old[key], atol=1e-6, rtol=0,
+                                   msg=key)
+    assert any(not torch.equal(new[k], worker_states('rank0', '_amp')[k])
+               for k in new)  # the runs differ: the comparison can fail
+
+
+@pytest.mark.parametrize('suffix', ['_cascade3', '_attach', '_acc'])
+def test_overlapped_reduce_with_cascade_attach_and_accumulation(
+        worker_states, suffix):
+    """HPFF K=3 (module 0 final after module 1's window), attach_stages
+    (module 1 also trained by the model's loss) and accumulative_counts=2
+    under the overlapped wrapper: ranks identical, equal to one process."""
+    _assert_ranks_equal_single(worker_states, suffix)
+
+
+def _expected_phases(learner, late):
+    """Phase after which each parameter's gradient is final: module k and
+    its aux net after module k, modules in ``late`` (index -> phase) later,
+    the rest after the model's loss."""
+    owner = {}
+    for k in range(learner.num_modules - 1):
+        for p in learner.aux_nets[k].parameters():
+            owner.setdefault(id(p), k)
+        for p in learner._module_params(k):
+            owner[id(p)] = late.get(k, k)
+    last = learner.num_modules - 1
+    return {n: owner.get(id(p), last)
+            for n, p in learner.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize('suffix,late', [
+    ('', {}), ('_cascade3', {0: 1}), ('_attach', {1: 2})])
+def test_overlap_learns_when_each_gradient_is_final(worker_states, suffix,
+                                                    late):
+    """The learned phases: a cascade module's gradient is final after its
+    last window (HPFF span 2, K=3: module 0 after module 1), an attached
+    module's after the model's loss; a parameter that never gets a
+    gradient is never reduced (-1)."""
+    worker = _worker_module()
+    learner = {'': lambda: worker.build(),
+               '_cascade3': lambda: worker.build_cascade(num_modules=3),
+               '_attach': lambda: worker.build(learner=worker.ATTACH)
+               }[suffix]()
+    phases = worker_states('rank0', suffix + '_trace')['phases']
+    assert phases == worker_states('rank1', suffix + '_trace')['phases']
+    expected = _expected_phases(learner, late)
+    assert phases.keys() == expected.keys()
+    unused = {n for n, j in phases.items() if j == -1}
+    assert all(phases[n] == j for n, j in expected.items()
+               if n not in unused), {
+                   n: (phases[n], j) for n, j in expected.items()
+                   if phases[n] != j}
+    assert len(unused) < len(phases) // 10
+    assert set(phases.values()) - {-1} == set(range(learner.num_modules))
+
+
+def test_overlap_starts_module0_reduce_early_without_the_host_read(
+        worker_states):
+    """After the first step, module 0's all-reduce is started (async) right
+    after its local backward, before the last module runs, and the one-block
+    path's blocking all-reduce of has-gradient flags (read on the host) is
+    gone: one blocking collective fewer per iteration (the NaN guard's flag
+    all-reduce is the one left)."""
+    new = worker_states('rank0', '_trace')['iters']
+    old = worker_states('rank0', '_old_trace')['iters']
+    assert len(new) == len(old) == 2
+
+    def blocking(events):
+        return [e for e in events if e[0] == 'all_reduce' and not e[3]]
+
+    # iteration 0 learns the phases: one agreement, like the old flags
+    assert len(blocking(new[0])) == len(blocking(old[0]))
+    events = new[1]
+    first, last = events.index(('mark', 'module0')), \
+        events.index(('mark', 'module1'))
+    early = events[first + 1]
+    assert early[0] == 'all_reduce' and early[1] == 'torch.float32'
+    assert early[3], early  # async_op=True
+    assert len(blocking(events)) == len(blocking(old[1])) - 1 == 1
+    assert not [e for e in blocking(events) if e[1] == 'torch.int32'
+                and e[2] > 1]  # no per-parameter flags
+    old_first = old[1].index(('mark', 'module0'))
+    old_reduce = [i for i, e in enumerate(old[1])
+                  if e[0] == 'all_reduce' and e[1] == 'torch.float32']
+    assert old_reduce and min(old_reduce) > old_first
+    # every gradient element is reduced once, in both paths
+    assert sum(e[2] for e in events if e[1] == 'torch.float32') == \
+        sum(e[2] for e in old[1] if e[1] == 'torch.float32')
+    assert last == len(events) - 1
+
+
+def test_overlap_option_is_checked():
+    from mmlocal.engine.model_wrappers import LocalDistributedDataParallel
+    with pytest.raises(ValueError, match='overlap_grad_reduce'):
+        LocalDistributedDataParallel(torch.nn.Linear(1, 1),
+                                     overlap_grad_reduce='yes')
+    with pytest.raises(ValueError, match='monitor_timeout'):
+        LocalDistributedDataParallel(torch.nn.Linear(1, 1),
+                                     monitor_timeout=0)
+
+
+@pytest.mark.parametrize('mode', ['die', 'hang'])
+def test_a_failed_process_stops_the_other_in_bounded_time(tmp_path, mode):
+    """Two processes started by hand (no torchrun, which would stop rank 0
+    itself), process group timeout 5 s: rank 1 exits, or hangs, after
+    module 0 of iteration 1; rank 0 stops with the wrapper's error (a hang:
+    naming rank 1 via dist.monitored_barrier) within a bounded time."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=str(_free_port()), WORLD_SIZE='2')
+    procs = [subprocess.Popen(
+        [sys.executable, WORKER, 'fault', mode, str(tmp_path)], cwd=REPO,
+        env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)]
+    try:
+        out, _ = procs[0].communicate(timeout=300)
+    finally:
+        for proc in procs:  # rank 1 hangs by design: stop it
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    assert procs[0].returncode != 0, out[-3000:]
+    report = tmp_path / 'fault_rank0.txt'
+    assert report.exists(), out[-3000:]
+    elapsed, message = report.read_text().split('\n', 1)
+    assert 'LocalDistributedDataParallel, rank 0: a gradient all-reduce ' \
+        'failed' in message, message
+    if mode == 'hang':
+        # 5 s process group timeout, then 3 s for the monitored barrier
+        assert 'Ranks 1 failed to pass monitoredBarrier' in message, message
+        assert float(elapsed) < 5 + 3 + 20, elapsed
+    else:
+        assert 'A process exited' in message, message
+        assert float(elapsed) < 20, elapsed
+
+
 def test_setup_launcher_picks_local_wrapper():
     from mmengine.config import Config
     from mmlocal.utils.setup_env import setup_launcher

@@ -25,6 +25,28 @@ and saves their state dicts to OUT/<tag><suffix>.pt (tag ``rank0``,
   NaN at iteration 0; every rank saves what it raised
   (``<tag>_raise.pt``: the error's ``module``, -1 for None, and whether it
   blames another process).
+
+The default wrapper overlaps each module's gradient all-reduce with the
+later modules (``overlap_grad_reduce=True``); runs for it and the one-block
+path:
+
+- ``'_old'``: ``''`` with ``overlap_grad_reduce=False``;
+- ``'_cascade3'``: HPFF (``cascade_span=2``), K=3: module 0's gradient is
+  final only after module 1's cascade window;
+- ``'_attach'``: InfoPro, K=3 (``ATTACH``), ``attach_stages=(2,)``:
+  module 1's stage-2 output also reaches the auxiliary FCN head, so module 1
+  gets gradient from the model's loss;
+- ``'_acc'``: ``''`` with ``accumulative_counts=2`` (one step, at the last
+  iteration);
+- under torchrun also ``<tag><suffix>_trace.pt`` for ``''`` and ``'_old'``
+  (the model's phase marks and every ``dist.all_reduce`` call, per
+  iteration) and ``<tag><suffix>_phases.pt`` (the wrapper's learned
+  ``grad_reduce_phases``) for the overlapped runs.
+
+``python local_ddp_worker.py fault <die|hang> OUT`` (two processes started
+by hand with RANK/WORLD_SIZE/MASTER_*: no torchrun, which would stop rank 0
+itself): rank 1 exits, or hangs, in iteration 1 after module 0; rank 0
+reports the wrapper's error in ``OUT/fault_rank0.txt``.
 """
 import os
 import sys
@@ -75,17 +97,53 @@ def amp_wrapper(params):
         dtype='bfloat16', clip_grad=dict(max_norm=MAX_NORM))
 
 
-def train(model, rank, world, distributed, amp=False, hook=None):
+class Trace:
+    """The model's phase marks and every ``dist.all_reduce`` (dtype,
+    elements, async) while active, one list per iteration."""
+
+    def __init__(self, model):
+        self.model, self.iters = model, []
+
+    def __enter__(self):
+        self.original = dist.all_reduce
+
+        def all_reduce(tensor, *args, **kwargs):
+            self.iters[-1].append(('all_reduce', str(tensor.dtype),
+                                   tensor.numel(),
+                                   bool(kwargs.get('async_op', False))))
+            return self.original(tensor, *args, **kwargs)
+
+        dist.all_reduce = all_reduce
+        self.model.phase_callback = lambda name: self.iters[-1].append(
+            ('mark', name))
+        return self
+
+    def next_iteration(self):
+        self.iters.append([])
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self.original
+        self.model.phase_callback = None
+
+
+def train(model, rank, world, distributed, amp=False, hook=None, ddp=None,
+          accumulative_counts=1, trace=None):
+    learner = model
     if distributed:
         from mmlocal.engine.model_wrappers import \
             LocalDistributedDataParallel
-        model = LocalDistributedDataParallel(model)
+        model = LocalDistributedDataParallel(model, **(ddp or {}))
     if amp:
         ow = amp_wrapper(model.parameters())
     else:
         ow = OptimWrapper(
             torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9),
-            clip_grad=dict(max_norm=MAX_NORM))
+            clip_grad=dict(max_norm=MAX_NORM),
+            accumulative_counts=accumulative_counts)
+        ow.initialize_count_status(model, 0, ITERS)
+    tracer = Trace(learner) if trace is not None else None
+    if tracer is not None:
+        tracer.__enter__()
     runner = SimpleNamespace(model=model, optim_wrapper=ow, iter=0)
     if hook is not None:
         hook.before_train(runner)
@@ -98,14 +156,23 @@ def train(model, rank, world, distributed, amp=False, hook=None):
         runner.iter = it
         if hook is not None:
             hook.before_train_iter(runner, it)
+        if tracer is not None:
+            tracer.next_iteration()
         model.train_step(batch, ow)
         if hook is not None:
             hook.after_train_iter(runner, it)
+    if tracer is not None:
+        tracer.__exit__()
+        trace['iters'] = tracer.iters
+        trace['phases'] = model.grad_reduce_phases
     module = model.module if distributed else model
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 SKIP_ITERS, POISONED = 3, 1
+# K=3, modules [0, 2) [2, 6) [6, 8): module 1 produces stage 2, which the
+# auxiliary FCN head reads
+ATTACH = dict(num_modules=None, split_points=[2, 6], attach_stages=(2, ))
 
 
 def poison(model, rank, when):
@@ -124,7 +191,7 @@ def poison(model, rank, when):
 
 
 def build_cascade(**learner):
-    """HPFF with PFF 2x2, GroupNorm heads."""
+    """HPFF with PFF 2x2 (cascade span 2), GroupNorm heads."""
     cfg = gn_fcn_learner_cfg()
     gn = dict(type='GN', num_groups=4, requires_grad=True)
     head = dict(channels=16, norm_cfg=gn, head=dict(dropout_ratio=0.0))
@@ -192,10 +259,20 @@ def main(out_dir):
                         learner=dict(checkpoint_blocks=[0, 2, 4, 6])),
             hook=MomentumAuxHook()),
     }
+    runs.update({
+        '_old': dict(model=build(), ddp=dict(overlap_grad_reduce=False)),
+        '_cascade3': dict(model=build_cascade(num_modules=3)),
+        '_attach': dict(model=build(learner=ATTACH)),
+        '_acc': dict(model=build(), accumulative_counts=2),
+    })
     for suffix, kwargs in runs.items():
+        trace = {} if distributed else None
         state = train(rank=rank, world=world, distributed=distributed,
-                      **kwargs)
+                      trace=trace, **kwargs)
         torch.save(state, os.path.join(out_dir, f'{tag}{suffix}.pt'))
+        if trace is not None:
+            torch.save(trace, os.path.join(out_dir,
+                                           f'{tag}{suffix}_trace.pt'))
     for suffix, cascade in (('_skip', False), ('_skip_cascade', True)):
         state, skipped = train_guarded(rank, world, distributed, 'skip',
                                        cascade)
@@ -209,5 +286,39 @@ def main(out_dir):
         dist.destroy_process_group()
 
 
+def fault(mode, out_dir):
+    """Rank 1 exits (``die``) or hangs (``hang``) in iteration 1 right after
+    module 0, while rank 0 waits for the gradient all-reduce."""
+    import datetime
+    import time
+    dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=5))
+    rank = dist.get_rank()
+    from mmlocal.engine.model_wrappers import LocalDistributedDataParallel
+    learner = build(learner=dict(nan_guard=None))
+    model = LocalDistributedDataParallel(learner, monitor_timeout=3)
+    ow = OptimWrapper(torch.optim.SGD(model.parameters(), lr=LR))
+
+    def stop(name):
+        if rank == 1 and it == 1 and name == 'module0':
+            if mode == 'die':
+                os._exit(3)
+            time.sleep(120)
+
+    learner.phase_callback = stop
+    for it in range(2):
+        batch = seg_batch(n=2, size=32, seed=it, ignore=False)
+        start = time.monotonic()
+        try:
+            model.train_step(batch, ow)
+        except RuntimeError as exc:
+            with open(os.path.join(out_dir, f'fault_rank{rank}.txt'),
+                      'w') as f:
+                f.write(f'{time.monotonic() - start:.1f}\n{exc}')
+            raise
+
+
 if __name__ == '__main__':
-    main(sys.argv[1])
+    if sys.argv[1] == 'fault':
+        fault(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1])
