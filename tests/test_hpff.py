@@ -180,6 +180,9 @@ def test_uneven_patches():
     (dict(patch_grid=0), 'patch_grid'),
     (dict(patch_remainder='pad'), 'patch_remainder'),
     (dict(independent_weight=-1.0), 'independent_weight'),
+    (dict(patch_reduction='max'), 'patch_reduction'),
+    (dict(patch_batch='yes'), 'patch_batch'),
+    (dict(patch_grid=2, patch_batch=True, with_cp=True), 'with_cp'),
 ])
 def test_bad_options_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -192,3 +195,88 @@ def test_patch_grid_that_does_not_divide_the_feature_map():
     with pytest.raises(ValueError, match='patch_grid=3'):
         learner.train_step(det_batch(), KeepGradsOptimWrapper(
             torch.optim.SGD(learner.parameters(), lr=0.01)))
+
+
+def _logged_step(learner, batch):
+    logs = learner.train_step(batch, KeepGradsOptimWrapper(
+        torch.optim.SGD(learner.parameters(), lr=0.1)))
+    return logs, grads(learner)
+
+
+def _bn_buffers(learner):
+    return {n: b.clone() for n, b in learner.named_buffers()
+            if n.startswith('aux_nets.') and 'running' in n}
+
+
+@pytest.mark.parametrize('case', ['det', 'det-mmdet-loss', 'seg',
+                                  'seg-uneven', 'det-sum'])
+def test_patch_batch_equals_sequential_patches(case):
+    """All patches stacked along the batch, one aux forward/backward ==
+    one patch after the other: logged losses, every gradient and (one stack
+    of equal patches) the aux nets' BN running statistics (1e-5)."""
+    kwargs = dict(patch_grid=2)
+    if case == 'det-mmdet-loss':  # mmdet's own per-image loss, per group
+        kwargs['det_head'] = dict(feat_channels=16, batched_targets=False)
+    if case == 'det-sum':
+        kwargs['patch_reduction'] = 'sum'
+    if case == 'seg-uneven':  # 8x8 map cut 3 + 3 + 2: four patch sizes
+        kwargs.update(patch_grid=3, patch_remainder='uneven')
+    if case.startswith('det'):
+        learner, batch = build(num_modules=3, aux=hpff(**kwargs)), \
+            det_batch()
+    else:
+        learner = build(TINY_FCN, 'mmseg', num_modules=2, aux=hpff(**kwargs))
+        batch = seg_batch()
+    twin = copy.deepcopy(learner)
+    for aux in twin.aux_nets:
+        aux.patch_batch = True
+    logs, g = _logged_step(learner, batch)
+    logs_b, g_b = _logged_step(twin, batch)
+    assert logs.keys() == logs_b.keys()
+    for name in logs:
+        torch.testing.assert_close(logs_b[name], logs[name], rtol=1e-5,
+                                   atol=1e-6, msg=name)
+    for name in g:
+        torch.testing.assert_close(g_b[name], g[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    assert any(torch.count_nonzero(v) for n, v in g.items()
+               if n.startswith('aux_nets.0.task_head'))
+    if case == 'seg-uneven':
+        return  # stacks of several sizes: BN running stats in stack order
+    bufs, bufs_b = _bn_buffers(learner), _bn_buffers(twin)
+    assert bufs
+    for name in bufs:
+        torch.testing.assert_close(bufs_b[name], bufs[name], rtol=1e-5,
+                                   atol=1e-6, msg=name)
+
+
+def test_patch_batch_runs_the_aux_net_once(monkeypatch):
+    learner = build(num_modules=2, aux=hpff(patch_grid=2, patch_batch=True))
+    aux = learner.aux_nets[0]
+    calls = []
+    forward = aux.task_head.forward
+    monkeypatch.setattr(aux.task_head, 'forward',
+                        lambda y: calls.append(y.shape) or forward(y))
+    learner.train_step(det_batch(), KeepGradsOptimWrapper(
+        torch.optim.SGD(learner.parameters(), lr=0.1)))
+    # 2 images x 4 patches, in one call
+    side = 64 // aux.in_stride // 2
+    assert calls == [torch.Size([8, aux.task_head.in_channels, side, side])]
+
+
+def test_patch_reduction_sum_is_p2_times_mean():
+    learner = build(num_modules=2, aux=hpff(patch_grid=2))
+    aux = learner.aux_nets[0]
+    data = learner.data_preprocessor(det_batch(), True)
+    inputs, samples = data['inputs'], data['data_samples']
+    side = 64 // aux.in_stride
+    h = torch.randn(2, aux.task_head.in_channels, side, side)
+    torch.manual_seed(0)
+    mean = aux.loss(h, inputs, samples)
+    aux.patch_reduction = 'sum'
+    torch.manual_seed(0)
+    total = aux.loss(h, inputs, samples)
+    assert mean.keys() == total.keys()
+    for name in mean:
+        want = mean[name] if name == 'loss_ind' else 4 * mean[name]
+        torch.testing.assert_close(total[name], want, msg=name)

@@ -1,8 +1,23 @@
+import contextlib
 import copy
+import functools
+import inspect
 
 from mmlocal.registry import MODELS
 from .infopro import InfoProAux
-from .pff import iter_patches
+from .pff import grouped_batch_norm, iter_patches, stack_patches
+
+
+@contextlib.contextmanager
+def _grouped_loss(head, groups):
+    """Within the context ``head.loss(...)`` is ``head.loss(...,
+    groups=groups)``: each of the ``groups`` interleaved groups of the batch
+    normalised alone, the groups averaged."""
+    head.loss = functools.partial(type(head).loss, head, groups=groups)
+    try:
+        yield
+    finally:
+        del head.loss
 
 
 class CascadeLocalAux(InfoProAux):
@@ -27,12 +42,19 @@ class CascadeLocalAux(InfoProAux):
 
     **Patch Feature Fusion** (``patch_grid=P > 1``): the cascade aux input
     is cut into a P x P grid; each patch is processed by the aux net against
-    the ground truth of its image region, and the patch losses are averaged:
-    ``L_cas = 1/P^2 sum_p L_cas(a_k(h_p), GT_p)``. Patches are processed one
-    after the other and each patch's share is back-propagated at once, so
-    the aux net's activations exist for one patch at a time (the gradient is
-    that of the averaged loss; :meth:`loss` computes the same loss in one
-    graph).
+    the ground truth of its image region, and the patch losses are averaged
+    (``patch_reduction='mean'``): ``L_cas = 1/P^2 sum_p L_cas(a_k(h_p),
+    GT_p)``, or summed (``'sum'``, the reference's scale for its
+    reconstruction term). By default (``patch_batch=False``) patches are
+    processed one after the other and each patch's share is back-propagated
+    at once, so the aux net's activations exist for one patch at a time
+    (the gradient is that of the reduced loss; :meth:`loss` computes the
+    same loss in one graph). ``patch_batch=True`` stacks the ``P^2``
+    patches along the batch and runs the cascade aux net once: the same
+    losses and gradients (each BN layer normalises every patch group with
+    its own statistics, each patch's loss is normalised as if alone) from
+    one forward and one backward instead of ``P^2``, at the memory of no
+    PFF (all patches' aux activations alive at once).
 
     Args:
         module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
@@ -42,13 +64,22 @@ class CascadeLocalAux(InfoProAux):
         cascade_weight (float): ``w_y``. Default 0.999 (reference).
         independent_det_head (dict, optional): Overrides of the independent
             :class:`DetAuxHead` (default: light, 64 channels, one level at
-            stride >= 32; the reference's is GAP + linear).
+            stride >= 32; HPFF's reference uses the cascade classifier's
+            architecture, its '2c2f' conv head, for both streams).
         independent_seg_head (dict, optional): Overrides of the independent
             :class:`SegAuxHead` (default: light, one 1x1 conv to 64
             channels).
         patch_grid (int): ``P``; 1 = no PFF. Default 1.
         patch_remainder (str): ``'error'`` (P must divide the feature map)
             or ``'uneven'`` (patches differ by at most one row/column).
+        patch_reduction (str): ``'mean'`` (default) or ``'sum'`` of the
+            patch losses.
+        patch_batch (bool): Run the ``P^2`` patches as one stacked batch
+            (fewer kernel launches, no PFF memory saving) instead of one
+            after the other; patches of unequal size (``'uneven'``) as one
+            stack per size (up to 4). Needs task heads whose ``loss`` takes
+            ``groups`` (:class:`DetAuxHead`, :class:`SegAuxHead`), and
+            neither ``with_cp`` nor ``compile``. Default False.
         **kwargs: :class:`InfoProAux` options of the cascade aux
             (``recon_weight``, ``task_weight``, heads).
     """
@@ -62,6 +93,8 @@ class CascadeLocalAux(InfoProAux):
                  independent_seg_head=None,
                  patch_grid=1,
                  patch_remainder='error',
+                 patch_reduction='mean',
+                 patch_batch=False,
                  **kwargs):
         num_modules = module_info.num_modules
         if isinstance(cascade_span, bool) or not isinstance(
@@ -76,6 +109,11 @@ class CascadeLocalAux(InfoProAux):
         if patch_remainder not in ('error', 'uneven'):
             raise ValueError(f"patch_remainder={patch_remainder!r} must be "
                              "'error' or 'uneven'")
+        if patch_reduction not in ('mean', 'sum'):
+            raise ValueError(f"patch_reduction={patch_reduction!r} must be "
+                             "'mean' or 'sum'")
+        if not isinstance(patch_batch, bool):
+            raise ValueError(f'patch_batch={patch_batch!r} must be a bool')
         for name, value in (('independent_weight', independent_weight),
                             ('cascade_weight', cascade_weight)):
             if not value >= 0:
@@ -85,8 +123,25 @@ class CascadeLocalAux(InfoProAux):
         self.cascade_weight = float(cascade_weight)
         self.patch_grid = patch_grid
         self.patch_remainder = patch_remainder
+        self.patch_reduction = patch_reduction
+        self.patch_batch = patch_batch
         self.in_stride = module_info.stride
         super().__init__(module_info, **kwargs)
+        if patch_batch and patch_grid > 1:
+            if self.with_cp:
+                raise ValueError('patch_batch=True does not support '
+                                 'with_cp=True (the recomputed segments '
+                                 'would normalise the patches together)')
+            compiled = getattr(self, 'compiled', None)
+            if getattr(compiled, 'enabled', False):
+                raise ValueError('patch_batch=True does not support '
+                                 'compile (the compiled graphs would not '
+                                 'see the per-patch BN statistics)')
+            if 'groups' not in inspect.signature(
+                    self.task_head.loss).parameters:
+                raise ValueError(
+                    'patch_batch=True needs a task head whose loss takes '
+                    f'`groups`; {type(self.task_head).__name__} does not')
         if self.task == 'det':
             cfg = dict(type='mmlocal.DetAuxHead',
                        in_channels=module_info.in_channels,
@@ -119,6 +174,48 @@ class CascadeLocalAux(InfoProAux):
                                  self.in_stride, self.task,
                                  self.patch_remainder))
 
+    def stacked_patches(self, h, inputs, data_samples):
+        """The PFF grid stacked along the batch, one stack per patch size
+        (:func:`stack_patches`)."""
+        return stack_patches(h, inputs, data_samples, self.patch_grid,
+                             self.in_stride, self.task, self.patch_remainder)
+
+    @property
+    def _patch_scale(self):
+        """Factor of each patch's loss: ``1/P^2`` (mean) or 1 (sum)."""
+        return 1.0 / self.patch_grid**2 if self.patch_reduction == 'mean' \
+            else 1.0
+
+    def batched_cascade_loss(self, stacks):
+        """The cascade loss of the stacked patches (:meth:`stacked_patches`),
+        reduced over the patches (``patch_reduction``).
+
+        Each stack of ``G_s`` equal-sized patches runs the aux net once:
+        every BN layer normalises each patch with its own statistics and
+        each patch's task loss is normalised alone (the heads' ``groups``),
+        and the reconstruction BCE, a mean over equal-sized patches, is the
+        mean of theirs; so the result equals the reduced per-patch losses
+        of :meth:`cascade_loss` up to float reassociation, and its gradient
+        their gradient. BN running statistics get the same updates; with
+        patches of several sizes (several stacks) in stack order rather
+        than patch order (the aux nets never read them in training).
+        """
+        losses = {}
+        for h_b, inputs_b, samples_b, groups in stacks:
+            scale = groups * self._patch_scale  # sum of the stack's shares
+            with grouped_batch_norm(self, groups), \
+                    _grouped_loss(self.task_head, groups):
+                part = self.cascade_loss(h_b, inputs_b, samples_b)
+            for name, value in part.items():
+                losses[name] = losses.get(name, 0.) + value * scale
+        return losses
+
+    def _batched(self, h, inputs, data_samples):
+        """The stacked patches when ``patch_batch`` applies, else None."""
+        if not self.patch_batch or self.patch_grid == 1:
+            return None
+        return self.stacked_patches(h, inputs, data_samples)
+
     @staticmethod
     def _total(losses):
         return sum(losses.values())
@@ -147,15 +244,17 @@ class CascadeLocalAux(InfoProAux):
             attached.
         """
         independent = self.independent_loss(h, inputs, data_samples)
+        stacked = self._batched(h, inputs, data_samples)
         if self.patch_grid == 1:
             cascade = self.cascade_loss(h, inputs, data_samples)
+        elif stacked is not None:
+            cascade = self.batched_cascade_loss(stacked)
         else:
             cascade = {}
-            patches = self.patches(h, inputs, data_samples)
-            for patch in patches:
+            for patch in self.patches(h, inputs, data_samples):
                 for name, value in self.cascade_loss(*patch).items():
                     cascade[name] = cascade.get(name, 0.) + \
-                        value / len(patches)
+                        value * self._patch_scale
         return self._weighted(independent, cascade)
 
     def backward_streams(self, h_independent, h_cascade, inputs,
@@ -181,16 +280,20 @@ class CascadeLocalAux(InfoProAux):
             independent = self.independent_loss(h_independent, inputs,
                                                 data_samples)
         ind = self.independent_weight * self._total(independent)
-        if self.patch_grid == 1:
+        stacked = self._batched(h_cascade, inputs, data_samples)
+        if self.patch_grid == 1 or stacked is not None:
             with forward_context():
-                cascade = self.cascade_loss(h_cascade, inputs, data_samples)
+                cascade = self.cascade_loss(
+                    h_cascade, inputs, data_samples) if stacked is None \
+                    else self.batched_cascade_loss(stacked)
+            del stacked
             backward(ind + self.cascade_weight * self._total(cascade))
             return self._detached(independent, cascade)
         backward(ind)
         del ind
         cascade = {}
         patches = self.patches(h_cascade, inputs, data_samples)
-        share = self.cascade_weight / len(patches)
+        share = self.cascade_weight * self._patch_scale
         for patch in patches:
             with forward_context():
                 losses = self.cascade_loss(*patch)
@@ -199,7 +302,7 @@ class CascadeLocalAux(InfoProAux):
             backward(share * self._total(losses))
             for name, value in losses.items():
                 cascade[name] = cascade.get(name, 0.) + \
-                    value.detach() / len(patches)
+                    value.detach() * self._patch_scale
             del losses, patch
         return self._detached(independent, cascade)
 

@@ -31,14 +31,20 @@ class HPFFAux(CascadeLocalAux):
 
     processed patch by patch with each share back-propagated at once, so the
     aux activations of only one patch are alive (the reference's PFF keeps
-    all patches in one graph and saves nothing).
+    all patches in one graph and saves nothing). ``patch_batch=True`` runs
+    the patches stacked along the batch instead: the same losses and
+    gradients from one aux forward/backward (fewer kernel launches), at the
+    memory of no PFF. ``patch_reduction='sum'`` sums the patch losses: the
+    reference sums its 4 patch reconstruction BCEs, so at the same
+    ``lambda_1`` its reconstruction term weighs ``P^2`` times the mean's.
 
     Args:
         module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
         cascade_span (int): Modules per cascade window. Default 2 (HiLo).
         patch_grid (int): ``P``. Default 2; 1 disables PFF.
         **kwargs: :class:`CascadeLocalAux` options (``independent_weight``,
-            ``cascade_weight``, ``patch_remainder``, heads) and InfoPro's
+            ``cascade_weight``, ``patch_remainder``, ``patch_reduction``,
+            ``patch_batch``, heads) and InfoPro's
             ``recon_weight`` (1.5) / ``task_weight`` (1.0).
     """
 

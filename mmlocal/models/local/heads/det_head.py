@@ -23,6 +23,21 @@ _DEFAULT_TRAIN_CFG = dict(
     debug=False)
 
 
+def _per_group_weights(targets, groups):
+    """Targets whose weights normalise each of ``groups`` interleaved image
+    groups by its own ``avg_factor`` and average the groups: weights of
+    group ``g`` times ``1 / (groups * avg_g)``, then ``avg_factor=1``."""
+    anchors, labels, label_weights, bbox_targets, bbox_weights = targets
+    # a positive anchor's box weights are 1: positives per image, at least
+    # one per image (mmdet's SamplingResult)
+    pos = sum(w[..., 0].sum(dim=1) for w in bbox_weights).clamp(min=1)
+    per_group = pos.view(-1, groups).sum(dim=0)
+    scale = (1.0 / (groups * per_group)).repeat(pos.numel() // groups)
+    label_weights = [w * scale[:, None] for w in label_weights]
+    bbox_weights = [w * scale[:, None, None] for w in bbox_weights]
+    return [anchors, labels, label_weights, bbox_targets, bbox_weights], 1.0
+
+
 @MODELS.register_module()
 class DetAuxHead(BaseModule):
     """A light dense detection head that trains one local module.
@@ -143,10 +158,18 @@ class DetAuxHead(BaseModule):
             feats.append(conv(feats[-1]))
         return tuple(feats)
 
-    def loss(self, y, inputs, data_samples):
-        """Detection losses of ``y`` against the GT instances."""
+    def loss(self, y, inputs, data_samples, groups=1):
+        """Detection losses of ``y`` against the GT instances.
+
+        ``groups > 1``: the batch holds ``groups`` interleaved groups
+        (image ``i`` in group ``i % groups``: HPFF's stacked patches); each
+        term is the mean over the groups of the loss each group would get
+        alone (normalised by its own positives).
+        """
         if self.batched_targets and not self._uses_ignored(data_samples):
-            losses = self._loss_batched(self(y), data_samples)
+            losses = self._loss_batched(self(y), data_samples, groups)
+        elif groups > 1:
+            losses = self._loss_per_group(self(y), data_samples, groups)
         else:
             losses = self.head.loss(self(y), data_samples)
         # mmdet returns per-level lists; sum them to one term per kind
@@ -161,7 +184,23 @@ class DetAuxHead(BaseModule):
             'ignored_instances' in s and len(s.ignored_instances)
             for s in data_samples)
 
-    def _loss_batched(self, feats, data_samples):
+    def _loss_per_group(self, feats, data_samples, groups):
+        """mmdet's ``loss_by_feat`` per group of one batched forward."""
+        from mmdet.models.utils import unpack_gt_instances
+        outs = self.head(feats)
+        losses = {}
+        for g in range(groups):
+            gt, ignored, metas = unpack_gt_instances(
+                data_samples[g::groups])
+            part = [[o[g::groups] for o in out] for out in outs]
+            for name, value in self.head.loss_by_feat(
+                    *part, gt, metas, ignored).items():
+                if isinstance(value, (list, tuple)):
+                    value = sum(value)
+                losses[name] = losses.get(name, 0.) + value / groups
+        return losses
+
+    def _loss_batched(self, feats, data_samples, groups=1):
         """``head.loss`` with the targets of :func:`anchor_targets`."""
         cls_scores, bbox_preds = self.head(feats)
         gt_instances = [s.gt_instances for s in data_samples]
@@ -169,6 +208,8 @@ class DetAuxHead(BaseModule):
         *targets, avg_factor = anchor_targets(
             self.head, [c.shape[-2:] for c in cls_scores], gt_instances,
             img_metas, cls_scores[0].device, cache=self._anchor_cache)
+        if groups > 1:
+            targets, avg_factor = _per_group_weights(targets, groups)
         loss_cls, loss_bbox = [], []
         for level in zip(cls_scores, bbox_preds, *targets):
             cls, box = self.head.loss_by_feat_single(
