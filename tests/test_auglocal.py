@@ -40,11 +40,17 @@ def test_sampling_and_depth_literal_values():
     assert uniform_layer_indices(4, 17, 2) == [10, 16]
     # d >= L-1-l: every later layer
     assert uniform_layer_indices(13, 16, 3) == [14, 15]
-    # pyramid, c=0.5: R32 K=16 d=2 and R110 K=55 d=3 (Python's half-even)
-    assert [pyramid_depth(2, k, 16, 0.5) for k in (0, 7, 14)] == [2, 2, 2]
-    # r = 26 / 106: 2.509 -> 3; r = 27 / 106: 2.491 -> 2
-    assert [pyramid_depth(3, k, 55, 0.5) for k in (0, 26, 27, 53)] == \
+    # pyramid, c=0.5, the reference scripts (Python's half-even round).
+    # Its train.py trains local_module_num - aux_net_depth modules: R32
+    # "--local_module_num 16 --aux_net_depth 2" is K = 14 (13 aux nets),
+    # R110 "55 ... 3" is K = 52; r = k c / (K - 2) uses that K
+    assert [pyramid_depth(2, k, 14, 0.5) for k in (0, 6, 12)] == [2, 2, 2]
+    # r = 24 / 100: 2.52 -> 3; r = 25 / 100: 2.5 -> 2
+    assert [pyramid_depth(3, k, 52, 0.5) for k in (0, 24, 25, 50)] == \
         [3, 3, 2, 2]
+    # R32's last aux net (module 12 ends at layer 12 of 16) samples 14, 15;
+    # the last module holds layers 13-15
+    assert uniform_layer_indices(12, 16, 2) == [14, 15]
     assert [pyramid_depth(4, k, 4, 0.5) for k in range(3)] == [4, 3, 2]
     assert pyramid_depth(3, 0, 2, 0.5) == 3  # K=2: no decay (no 0/0)
     assert pyramid_depth(3, 5, 8, None) == 3

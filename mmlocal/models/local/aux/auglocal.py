@@ -217,7 +217,9 @@ class AugLocalAux(BaseLocalAux):
 
     Args:
         module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
-        aux_depth (int): ``d``. Default 2 (reference ResNet-32, K=16).
+        aux_depth (int): ``d``. Default 2 (reference ResNet-32 script,
+            ``--local_module_num 16``: its ``train.py`` trains
+            ``16 - d = 14`` modules, which is ``num_modules=14`` here).
         pyramid_coeff (float, optional): ``c``. Default 0.5 (reference
             scripts); None = every module gets ``d``.
         stage_transition (str): ``'entry_block'`` (default) or

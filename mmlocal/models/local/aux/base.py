@@ -8,6 +8,7 @@ from mmengine.model import BaseModule
 from torch.utils.checkpoint import checkpoint
 
 from mmlocal.registry import MODELS
+from ..heads.recon_decoder import padding_mask
 
 
 @dataclass
@@ -202,5 +203,6 @@ class BaseLocalAux(BaseModule):
             losses[name] = value * self.task_weight
         if self.recon is not None:
             losses['loss_recon'] = self.recon_weight * self.segment(
-                self.recon.loss, y, self.image01(inputs))
+                self.recon.loss, y, self.image01(inputs),
+                padding_mask(data_samples, inputs))
         return losses

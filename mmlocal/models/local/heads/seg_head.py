@@ -20,10 +20,13 @@ class SegAuxHead(BaseModule):
     Args:
         in_channels (int): Channels of ``y``.
         num_classes (int): Number of classes of the segmentor.
-        channels (int): Width of the conv. Default 256 (InfoPro: 512).
+        channels (int): Width of the conv. Default 256, the width of mmseg's
+            own FCN auxiliary head in its DeepLabV3 configs (InfoPro's
+            ``head_inter``: 512).
         head (dict, optional): Overrides for the mmseg head config.
         norm_cfg (dict): Norm config. Default BN.
-        align_corners (bool): As the main decode head. Default False.
+        align_corners (bool): Of the resize of the logits to the label.
+            Default False, as mmseg's decode heads (InfoPro: True).
         ignore_index (int): Ignored label. Default 255.
 
     Stock ``mmseg.CrossEntropyLoss`` terms are used as
@@ -66,21 +69,7 @@ class SegAuxHead(BaseModule):
         else:
             self.head.loss_decode = sync_free_loss(self.head.loss_decode)
 
-    def loss(self, y, inputs, data_samples, groups=1):
-        """Segmentation losses of ``y``. ``groups > 1``: the batch holds
-        ``groups`` interleaved groups (image ``i`` in group ``i % groups``:
-        HPFF's stacked patches); each term is the mean over the groups of
-        the loss each group would get alone."""
-        if groups == 1:
-            losses = self.head.loss([y], data_samples, None)
-            # accuracy is a metric, not a loss: keep it out of the sum
-            return {k: v for k, v in losses.items() if k.startswith('loss')}
-        seg_logits = self.head.forward([y])
-        losses = {}
-        for g in range(groups):
-            part = self.head.loss_by_feat(seg_logits[g::groups],
-                                          data_samples[g::groups])
-            for name, value in part.items():
-                if name.startswith('loss'):
-                    losses[name] = losses.get(name, 0.) + value / groups
-        return losses
+    def loss(self, y, inputs, data_samples):
+        losses = self.head.loss([y], data_samples, None)
+        # accuracy is a metric, not a loss: keep it out of the sum
+        return {k: v for k, v in losses.items() if k.startswith('loss')}
