@@ -69,7 +69,21 @@ class SegAuxHead(BaseModule):
         else:
             self.head.loss_decode = sync_free_loss(self.head.loss_decode)
 
-    def loss(self, y, inputs, data_samples):
-        losses = self.head.loss([y], data_samples, None)
-        # accuracy is a metric, not a loss: keep it out of the sum
-        return {k: v for k, v in losses.items() if k.startswith('loss')}
+    def loss(self, y, inputs, data_samples, groups=1):
+        """Segmentation losses of ``y``. ``groups > 1``: the batch holds
+        ``groups`` interleaved groups (image ``i`` in group ``i % groups``:
+        HPFF's stacked patches); each term is the mean over the groups of
+        the loss each group would get alone."""
+        if groups == 1:
+            losses = self.head.loss([y], data_samples, None)
+            # accuracy is a metric, not a loss: keep it out of the sum
+            return {k: v for k, v in losses.items() if k.startswith('loss')}
+        seg_logits = self.head.forward([y])
+        losses = {}
+        for g in range(groups):
+            part = self.head.loss_by_feat(seg_logits[g::groups],
+                                          data_samples[g::groups])
+            for name, value in part.items():
+                if name.startswith('loss'):
+                    losses[name] = losses.get(name, 0.) + value / groups
+        return losses
