@@ -8,8 +8,9 @@ from mmengine.structures import InstanceData
 
 from local_utils import HostReads
 from mmlocal.models.local.heads import DetAuxHead
-from mmlocal.models.local.heads.anchor_targets import (anchor_targets,
-                                                       unsupported_reason)
+from mmlocal.models.local.heads.anchor_targets import (
+    SharedAnchorTargets, anchor_targets, multi_anchor_targets,
+    unsupported_reason)
 
 NUM_CLASSES = 5
 # padded batch 96 x 128; images smaller than the batch leave invalid anchors
@@ -163,13 +164,151 @@ def test_anchors_cached_per_shape():
     samples = _samples()
     aux.loss(y, None, samples)
     cache = aux._anchor_cache
-    # one anchor set + one valid-flag set per distinct pad shape (3 here)
-    assert len(cache) == 1 + len(SHAPES)
+    # one anchor set, one valid-flag set per distinct pad shape (3 here)
+    # and their stack for this batch
+    assert len(cache) == 1 + len(SHAPES) + 1
     first = dict(cache)
     aux.loss(y, None, samples)
     assert all(cache[k] is v for k, v in first.items())  # reused
     aux.loss(torch.randn(3, 8, 10, 16), None, samples)  # other feature size
-    assert len(cache) == 2 * (1 + len(SHAPES))
+    assert len(cache) == 2 * (1 + len(SHAPES) + 1)
     for _ in range(20):  # bounded
         aux.loss(torch.randn(1, 8, 4 + _, 16), None, samples[:1])
-    assert len(cache) <= 16
+    assert len(cache) <= 32
+
+
+# -- several heads in one pass (multi_anchor_targets, SharedAnchorTargets)
+
+def _aux_heads(train_cfg=None, style='mmlocal'):
+    """Aux heads of a K=5 learner: strides 8, 16, 32 (three levels) and a
+    second stride-16 head (same anchors as the first)."""
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=NUM_CLASSES, style=style)
+    if train_cfg is not None:
+        kwargs['train_cfg'] = train_cfg
+    if style == 'mmlocal':
+        kwargs['feat_channels'] = 16
+    return [
+        DetAuxHead(8, stride, num_levels=levels, **kwargs)
+        for stride, levels in ((8, 1), (16, 1), (32, 3), (16, 1))
+    ]
+
+
+def _sizes(aux):
+    return [(-(-96 // s), -(-128 // s)) for s in aux.strides]
+
+
+@pytest.mark.parametrize('assigner', ASSIGNERS)
+def test_multi_head_targets_equal_mmdet_per_head(assigner):
+    """One pass for heads with different anchors gives each head mmdet's
+    own targets (low-quality matches among its own anchors, its own
+    avg_factor), in the per-level layout mmdet's loss reads."""
+    train_cfg = dict(
+        assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5,
+                      neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1),
+        sampler=dict(type='PseudoSampler'), allowed_border=-1,
+        pos_weight=-1, debug=False)
+    train_cfg['assigner'].update(assigner)
+    heads = _aux_heads(train_cfg)
+    samples = _samples()
+    metas = [s.metainfo for s in samples]
+    gts = [s.gt_instances for s in samples]
+    results = multi_anchor_targets([(a.head, _sizes(a)) for a in heads], gts,
+                                   metas, 'cpu')
+    for aux, ours in zip(heads, results):
+        sizes = _sizes(aux)
+        anchor_list, valid_list = aux.head.get_anchors(sizes, metas, 'cpu')
+        ref = aux.head.get_targets(anchor_list, valid_list, gts, metas)
+        for lvl in range(len(sizes)):
+            for kind in range(4):
+                assert ours[kind + 1][lvl].is_contiguous()
+                torch.testing.assert_close(ours[kind + 1][lvl],
+                                           ref[kind][lvl], rtol=0, atol=0)
+            torch.testing.assert_close(ours[0][lvl][0], anchor_list[0][lvl])
+        assert int(ours[5]) == ref[4]
+    # the heads really differ in their positives
+    positives = [sum(int((lb < NUM_CLASSES).sum()) for lb in r[1])
+                 for r in results]
+    assert len(set(positives[:3])) > 1 and positives[1] == positives[3]
+
+
+def test_multi_head_targets_refuse_different_assigners():
+    heads = _aux_heads()
+    heads[1].head.assigner.pos_iou_thr = 0.6
+    with pytest.raises(ValueError, match='target_signature'):
+        multi_anchor_targets(
+            [(a.head, _sizes(a)) for a in _aux_heads()[:1]] +
+            [(heads[1].head, _sizes(heads[1]))], [
+                s.gt_instances for s in _samples()
+            ], [s.metainfo for s in _samples()], 'cpu')
+
+
+def test_shared_targets_one_pass_and_fallbacks(monkeypatch):
+    """The first head of a batch computes every head's targets; a head
+    whose sizes differ from the prediction, or that asks for other
+    samples, is not served (it computes its own)."""
+    import mmlocal.models.local.heads.anchor_targets as at
+    calls = []
+    real = at.multi_anchor_targets
+
+    def spy(requests, *args, **kwargs):
+        calls.append(len(requests))
+        return real(requests, *args, **kwargs)
+
+    monkeypatch.setattr(at, 'multi_anchor_targets', spy)
+    heads = _aux_heads()
+    group = SharedAnchorTargets(heads)
+    samples = _samples()
+    group.begin(samples)
+    got = [group.targets(a, _sizes(a), samples, 'cpu') for a in heads]
+    assert calls == [4] and all(g is not None for g in got)
+    alone = anchor_targets(heads[2].head, _sizes(heads[2]),
+                           [s.gt_instances for s in samples],
+                           [s.metainfo for s in samples], 'cpu')
+    for kind in range(1, 5):
+        for a, b in zip(got[2][kind], alone[kind]):
+            assert torch.equal(a, b)
+    assert group.targets(heads[0], [(7, 9)], samples, 'cpu') is None
+    assert group.targets(heads[0], _sizes(heads[0]), list(samples),
+                         'cpu') is None
+    group.release()
+    assert group.targets(heads[0], _sizes(heads[0]), samples, 'cpu') is None
+    assert calls == [4, 1]  # + the explicit anchor_targets above
+    # a copy shares nothing (its heads compute their own targets)
+    import copy
+    assert len(copy.deepcopy(group)) == 0
+
+
+def test_learner_step_same_with_shared_targets(monkeypatch):
+    """A LocalLearner step with one target pass for all aux heads leaves
+    exactly the losses and gradients of one pass per head."""
+    from mmengine.optim import OptimWrapper  # noqa: F401
+    import mmlocal.models.local.heads.anchor_targets as at
+    from local_utils import (TINY_RETINANET, KeepGradsOptimWrapper,
+                             assert_same_step, det_batch, grads, small_aux)
+    from mmlocal.models.local.learner import LocalLearner
+    calls = []
+    real = at.multi_anchor_targets
+
+    def spy(requests, *args, **kwargs):
+        calls.append(len(requests))
+        return real(requests, *args, **kwargs)
+
+    monkeypatch.setattr(at, 'multi_anchor_targets', spy)
+    runs = []
+    for share in (True, False):
+        init_default_scope('mmdet')
+        torch.manual_seed(0)
+        learner = LocalLearner(TINY_RETINANET, num_modules=4,
+                               aux=small_aux())
+        if not share:
+            learner._shared_targets = SharedAnchorTargets()
+        ow = KeepGradsOptimWrapper(
+            torch.optim.SGD(learner.parameters(), lr=0.))
+        calls.clear()
+        logs = learner.train_step(det_batch(seed=3), ow)
+        runs.append((logs, grads(learner), list(calls)))
+    assert runs[0][2] == [3] and runs[1][2] == [1, 1, 1], runs[0][2]
+    assert_same_step(runs[0][0], runs[0][1], runs[1][0], runs[1][1],
+                     rtol=0, atol=0)

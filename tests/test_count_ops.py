@@ -71,3 +71,24 @@ def test_parts_attribute_the_calls_of_submodules():
     assert 0 < total['flops'] <= r['flops']
     assert count_ops._matches('aux_nets.0.lb', 'aux_nets.*.*')
     assert not count_ops._matches('aux_nets.0.lb.conv1', 'aux_nets.*.*')
+
+
+def test_cuda_like_focal_loss_counts_one_kernel_per_call():
+    """The CPU stand-in of mmcv's fused focal-loss kernel runs ~15 ops per
+    32k rows; with --cuda-like-focal-loss each call counts as one kernel
+    (as on a GPU), whatever the number of anchors."""
+    from cuda_like_focal_loss import cuda_like_focal_loss
+    from mmdet.models.losses import FocalLoss
+    loss_fn = FocalLoss()
+    counts = {}
+    for rows in (100, 70000):  # 1 and 3 chunks of the stand-in
+        pred = torch.randn(rows, 4, requires_grad=True)
+        target = torch.randint(0, 5, (rows, ))
+        with cuda_like_focal_loss(True):
+            counter = count_ops.OpCounter()
+            with counter, count_ops.fused_focal_kernels(counter):
+                loss_fn(pred, target, avg_factor=3.0).backward()
+        counts[rows] = counter.kernels
+        assert counter.by_op['sigmoid_focal_loss_forward'] == 1
+        assert counter.by_op['sigmoid_focal_loss_backward'] == 1
+    assert counts[100] == counts[70000] < 20, counts

@@ -25,7 +25,10 @@ on the CPU PyTorch loops over the parameters, and Adam reads its step
 counter per parameter). On the CPU mmdet's focal loss takes another path
 than on CUDA (``one_hot``: two syncs more per call here);
 ``--cuda-like-focal-loss`` makes it take the CUDA branch, so that the
-syncs counted are those of a GPU step.
+syncs counted are those of a GPU step, and counts each call of mmcv's fused
+focal-loss kernel (forward, backward) as one kernel, as on a GPU (on the CPU
+a PyTorch stand-in runs it as ~15 ops per 32k anchor rows, which made the
+count grow with the image size).
 
 ``--parts PATTERN ...`` adds the kernels and FLOPs of the calls (``forward``,
 or ``loss`` where a part has one) of the matching submodules (e.g.
@@ -39,6 +42,7 @@ Example::
 """
 import argparse
 import collections
+import contextlib
 import copy
 import fnmatch
 import os.path as osp
@@ -47,6 +51,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 import benchmark_memory as bm  # noqa: E402
+import cuda_like_focal_loss as cuda_like_focal_loss_module  # noqa: E402
 import torch  # noqa: E402
 from cuda_like_focal_loss import cuda_like_focal_loss  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -83,6 +88,49 @@ class OpCounter(TorchDispatchMode):
         if name in SYNCS and not self.paused:
             self.syncs += 1
         return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def one_kernel(self, name):
+        """What runs inside counts as one kernel ``name``: a CPU stand-in
+        (several ATen ops) for what is one fused kernel on a GPU."""
+        if self.paused:
+            yield
+            return
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+            self.kernels += 1
+            self.by_op[name] += 1
+
+
+@contextlib.contextmanager
+def fused_focal_kernels(counter, enabled=True):
+    """``--cuda-like-focal-loss`` runs mmcv's fused sigmoid focal loss
+    kernels as PyTorch code on the CPU (``tools/device/mmcv_ext_stub.py``:
+    about 15 ops per 32k rows, forward and backward); count each call as
+    the one kernel it is on CUDA."""
+    if not enabled:
+        yield
+        return
+    stub = cuda_like_focal_loss_module._stub_module()
+    names = ('sigmoid_focal_loss_forward', 'sigmoid_focal_loss_backward')
+    saved = {n: getattr(stub, n) for n in names}
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            with counter.one_kernel(name):
+                return fn(*args, **kwargs)
+        return run
+
+    for n in names:
+        setattr(stub, n, counted(n, saved[n]))
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(stub, n, saved[n])
 
 
 def _matches(name, pattern):
@@ -154,7 +202,8 @@ class PartCounter:
             del module.loss
 
 
-def count_mode(cfg, mode, input_shape, seed=0, parts=()):
+def count_mode(cfg, mode, input_shape, seed=0, parts=(),
+               fused_focal=False):
     """``{'kernels', 'syncs', 'flops', 'top', 'parts'}`` of one
     ``train_step`` of ``mode``; ``parts``: name patterns of submodules whose
     forward kernels and FLOPs are reported (:class:`PartCounter`)."""
@@ -196,7 +245,7 @@ def count_mode(cfg, mode, input_shape, seed=0, parts=()):
     flops = FlopCounterMode(display=False)
     part_counter = PartCounter(model, parts, counter, flops)
     try:
-        with flops, counter:
+        with flops, counter, fused_focal_kernels(counter, fused_focal):
             model.train_step(batch, optim_wrapper)
     finally:
         del optimizer.step
@@ -222,7 +271,8 @@ def parse_args(argv=None):
     parser.add_argument(
         '--cuda-like-focal-loss', action='store_true',
         help='mmdet\'s FocalLoss takes its CUDA branch on the CPU (as on a '
-        'GPU: no one_hot and its host reads)')
+        'GPU: no one_hot and its host reads); its fused kernel counts as '
+        'one per call')
     parser.add_argument(
         '--parts', nargs='+', default=[], metavar='PATTERN',
         help='also report the kernels and FLOPs of the calls (forward, or '
@@ -242,8 +292,9 @@ def main(argv=None):
     with cuda_like_focal_loss(args.cuda_like_focal_loss):
         for mode in args.modes:
             try:
-                rows[mode] = count_mode(cfg, mode, args.input_shape,
-                                        parts=args.parts)
+                rows[mode] = count_mode(
+                    cfg, mode, args.input_shape, parts=args.parts,
+                    fused_focal=args.cuda_like_focal_loss)
             except bm.ModeUnavailable as exc:
                 print(f'{mode}: unavailable ({exc})')
     base = rows.get('stock', rows.get('e2e'))

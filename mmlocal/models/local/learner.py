@@ -15,6 +15,7 @@ from mmlocal.engine.optim_wrappers import (check_local_optim_wrapper,
                                            local_backward)
 from mmlocal.registry import MODELS
 from .aux.base import LocalModuleInfo
+from .heads.anchor_targets import share_anchor_targets
 from .split import build_block_sequence, module_output_info, plan_split
 
 
@@ -123,6 +124,33 @@ def _detached(terms):
         name: value.detach() if torch.is_tensor(value) else value
         for name, value in terms.items()
     }
+
+
+def _parse_local_losses(losses):
+    """``BaseModel.parse_losses`` of an aux net's losses, with the same
+    values, logs and gradients, in fewer kernels: a 0-dim term is not
+    averaged again (its ``mean()`` is itself) and the sum starts at the
+    first term, not at 0."""
+    log_vars = []
+    for name, value in losses.items():
+        if torch.is_tensor(value):
+            log_vars.append([name, value if value.dim() == 0 else
+                             value.mean()])
+        elif isinstance(value, (list, tuple)) and value and all(
+                torch.is_tensor(v) for v in value):
+            means = [v.mean() for v in value]
+            total = means[0]
+            for mean in means[1:]:
+                total = total + mean
+            log_vars.append([name, total])
+        else:
+            raise TypeError(f'{name} is not a tensor or list of tensors')
+    terms = [value for name, value in log_vars if 'loss' in name]
+    loss = terms[0] if terms else 0
+    for value in terms[1:]:
+        loss = loss + value
+    log_vars.insert(0, ['loss', loss])
+    return loss, OrderedDict(log_vars)
 
 
 def _all_ranks(flag, group=None):
@@ -454,6 +482,8 @@ class LocalLearner(BaseModel):
         # mmengine's ModuleList: init_weights reaches the aux heads' init_cfg
         self.aux_nets = ModuleList(aux_nets)
         self.cascade_span = _cascade_span(aux_nets)
+        # the aux detection heads' anchor targets: one pass per batch
+        self._shared_targets = share_anchor_targets(self.aux_nets)
 
     # ------------------------------------------------------------------
     # inference: exactly the wrapped model
@@ -514,8 +544,12 @@ class LocalLearner(BaseModel):
         local_logs = OrderedDict()
         train_modules = (self._train_local_modules if self.cascade_span is None
                          else self._train_cascade_modules)
-        x, local_total = train_modules(inputs, data_samples, optim_wrapper,
-                                       outs, local_logs)
+        self._shared_targets.begin(data_samples)
+        try:
+            x, local_total = train_modules(inputs, data_samples,
+                                           optim_wrapper, outs, local_logs)
+        finally:
+            self._shared_targets.release()
 
         start = self.module_ranges[-1][0]
         with optim_wrapper.optim_context(self):
@@ -554,7 +588,7 @@ class LocalLearner(BaseModel):
                 h = seq.forward_blocks(h, start, end, outs)
                 produced = set(outs) - before
                 local_losses = self.aux_nets[k].loss(h, inputs, data_samples)
-            loss_k, logs_k = self.parse_losses(local_losses)
+            loss_k, logs_k = _parse_local_losses(local_losses)
             self._check_finite(k, loss_k, logs_k)
             keep = any(s in self.attach_stages for s in produced)
             local_backward(optim_wrapper, loss_k, retain_graph=keep)
@@ -762,7 +796,13 @@ class LocalLearner(BaseModel):
         """
         if self.nan_guard is None:
             return
-        if torch.is_tensor(loss):
+        if torch.is_tensor(loss) and self.nan_guard_check == 'step' and \
+                loss.dim() == 0:
+            # its flag is computed with the others' at the read (one
+            # isfinite of them all: fewer kernels)
+            finite = None
+            loss = loss.detach()
+        elif torch.is_tensor(loss):
             loss = loss.detach()
             finite = torch.isfinite(loss).all()
         else:  # a Python number (no loss terms)
@@ -793,9 +833,20 @@ class LocalLearner(BaseModel):
         pending, self._pending_checks = self._pending_checks, []
         if not pending:
             return
-        device = pending[-1][1].device
-        if _all_ranks(torch.stack([p[1].to(device) for p in pending]).all(),
-                      self.guard_group):
+        device = next(p[1] if p[1] is not None else p[3]
+                      for p in reversed(pending)).device
+        # deferred scalar losses: one isfinite of them all
+        deferred = [p for p in pending if p[1] is None]
+        if deferred:
+            flags = torch.isfinite(
+                torch.stack([p[3].to(device) for p in deferred]))
+            for p, flag in zip(deferred, flags.unbind()):
+                p[1] = flag
+        if len(deferred) == len(pending):
+            finite = flags.all()
+        else:
+            finite = torch.stack([p[1].to(device) for p in pending]).all()
+        if _all_ranks(finite, self.guard_group):
             return
         bad = [p for p in pending if not bool(p[1])]
         if not bad:

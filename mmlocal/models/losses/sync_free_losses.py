@@ -47,6 +47,12 @@ def _reduction(loss, reduction_override):
     return reduction_override if reduction_override else loss.reduction
 
 
+def _weighted(loss_weight, loss):
+    """``loss_weight * loss``; weight 1 costs no kernel (``1.0 * x`` is
+    ``x``, value and gradient)."""
+    return loss if loss_weight == 1.0 else loss_weight * loss
+
+
 def _stock_path(reduction, avg_factor):
     """Where mmdet's no-positive shortcut gives what the normal path does
     not: a scalar for ``'none'``, 0 instead of its error for a sum with an
@@ -66,8 +72,8 @@ class SyncFreeL1Loss(L1Loss):
         if _stock_path(reduction, avg_factor):
             return super().forward(pred, target, weight, avg_factor,
                                    reduction_override)
-        return self.loss_weight * l1_loss(
-            pred, target, weight, reduction=reduction, avg_factor=avg_factor)
+        return _weighted(self.loss_weight, l1_loss(
+            pred, target, weight, reduction=reduction, avg_factor=avg_factor))
 
 
 @MODELS.register_module()
@@ -81,9 +87,9 @@ class SyncFreeSmoothL1Loss(SmoothL1Loss):
         if _stock_path(reduction, avg_factor):
             return super().forward(pred, target, weight, avg_factor,
                                    reduction_override, **kwargs)
-        return self.loss_weight * smooth_l1_loss(
+        return _weighted(self.loss_weight, smooth_l1_loss(
             pred, target, weight, beta=self.beta, reduction=reduction,
-            avg_factor=avg_factor, **kwargs)
+            avg_factor=avg_factor, **kwargs))
 
 
 @MODELS.register_module()

@@ -8,6 +8,7 @@ from mmengine.model import BaseModule
 from torch.utils.checkpoint import checkpoint
 
 from mmlocal.registry import MODELS
+from mmlocal.utils.compile import CompiledMethods, check_compile_option
 from ..heads.recon_decoder import padding_mask
 
 
@@ -94,6 +95,14 @@ class BaseLocalAux(BaseModule):
             segment see the batch twice: their running statistics, which
             the aux net never uses for training, move twice.)
             Default False.
+        compile (bool | dict): Run the convolutional parts (the transform,
+            the task head's convs, the decoder; static shapes) under
+            ``torch.compile`` (:mod:`mmlocal.utils.compile`: ``True`` for
+            the defaults, CUDA graphs on CUDA; a dict of ``torch.compile``
+            arguments). Anchor targets and losses stay eager. Fewer kernel
+            launches per step once compiled; values and gradients equal
+            up to floating-point reassociation. Not with ``with_cp``.
+            Default False.
     """
 
     def __init__(self,
@@ -104,8 +113,14 @@ class BaseLocalAux(BaseModule):
                  seg_head=None,
                  recon=None,
                  with_cp=False,
+                 compile=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        compile_options = check_compile_option(compile)
+        if compile_options is not None and with_cp:
+            raise ValueError(f'compile={compile!r} and with_cp=True: choose '
+                             'one (checkpointed segments are not compiled)')
+        self.compiled = CompiledMethods(compile_options)
         if module_info.task not in ('det', 'seg'):
             raise ValueError(f'unknown task {module_info.task!r}')
         if not isinstance(with_cp, bool):
@@ -137,6 +152,7 @@ class BaseLocalAux(BaseModule):
                        num_classes=module_info.num_classes,
                        ignore_index=module_info.ignore_index)
             cfg.update(copy.deepcopy(seg_head or {}))
+        cfg.setdefault('compile', compile)
         self.task_head = MODELS.build(cfg)
         self.recon = None
         if recon_w > 0:
@@ -146,6 +162,7 @@ class BaseLocalAux(BaseModule):
             rcfg = dict(type='mmlocal.ReconDecoder', in_channels=y_channels,
                         stride=y_stride)
             rcfg.update(copy.deepcopy(recon or {}))
+            rcfg.setdefault('compile', compile)
             self.recon = MODELS.build(rcfg)
 
     # -- what a family changes -------------------------------------------
@@ -195,12 +212,19 @@ class BaseLocalAux(BaseModule):
         Returns:
             dict[str, Tensor]: loss terms; their sum is back-propagated.
         """
-        y = self.transform(h) if self._transform_segments() else \
-            self.segment(self.transform, h)
+        if self.compiled.enabled and \
+                type(self).transform is not BaseLocalAux.transform:
+            y = self.compiled(self, 'transform', h)
+        elif self._transform_segments():
+            y = self.transform(h)
+        else:
+            y = self.segment(self.transform, h)
         losses = {}
         for name, value in self.segment(self.task_head.loss, y, inputs,
                                         data_samples).items():
-            losses[name] = value * self.task_weight
+            # x * 1.0 is x: no kernel (and no backward one) for weight 1
+            losses[name] = value if self.task_weight == 1.0 else \
+                value * self.task_weight
         if self.recon is not None:
             losses['loss_recon'] = self.recon_weight * self.segment(
                 self.recon.loss, y, self.image01(inputs),

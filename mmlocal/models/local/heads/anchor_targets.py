@@ -17,11 +17,24 @@ tensor ops and no host synchronisation:
   weights as ``AnchorHead._get_targets_single`` builds them, and
   ``avg_factor`` (positives, at least one per image) as a tensor.
 
+:func:`multi_anchor_targets` does this for several heads in one pass: the
+anchors of all heads are concatenated, so the IoU, the assignment, the box
+encoding and the padding of the ground truth run once per batch instead of
+once per head. Each head keeps its own low-quality matches (a box's best
+anchors are searched among that head's anchors only) and its own
+``avg_factor``, so every head gets exactly the targets it would get alone.
+:class:`SharedAnchorTargets` makes the auxiliary detection heads of a
+``LocalLearner`` use it: the first head that needs targets in an iteration
+computes them for every head of the group (predicting the others' feature
+map sizes from the batch shape and checking them when they are used).
+
 :func:`unsupported_reason` lists the head configurations this covers (every
 RetinaNet-style head with the defaults of :class:`DetAuxHead`); for any other
 the auxiliary head uses mmdet's own ``loss``.
 """
 import collections
+import math
+import weakref
 
 import torch
 from mmdet.models.dense_heads import AnchorHead
@@ -65,7 +78,7 @@ def _level_sizes(head, featmap_sizes):
     ]
 
 
-_CACHE_SIZE = 16
+_CACHE_SIZE = 32
 
 
 def _cached(cache, key, make):
@@ -79,45 +92,114 @@ def _cached(cache, key, make):
     return value
 
 
-def _anchors_and_valid(head, featmap_sizes, img_metas, device, cache=None):
-    """Anchors ``(A, 4)`` and valid flags ``(B, A)``; they depend only on
-    the feature map sizes and the images' pad shapes, so with a ``cache``
-    (an ``OrderedDict``) they are made once per shape, not every step."""
+def _sizes_key(featmap_sizes):
+    return tuple(tuple(int(v) for v in s) for s in featmap_sizes)
+
+
+# configuration keys, made once per object (the configs do not change)
+_GENERATOR_KEYS = weakref.WeakKeyDictionary()
+_SIGNATURES = weakref.WeakKeyDictionary()
+
+
+def _attrs(obj):
+    return tuple(sorted((k, repr(v)) for k, v in vars(obj).items()))
+
+
+def _generator_key(head):
+    """Equal for heads whose prior generators make the same anchors."""
     gen = head.prior_generator
+    key = _GENERATOR_KEYS.get(gen)
+    if key is None:  # its settings and its base anchors (CPU tensors)
+        key = _GENERATOR_KEYS[gen] = (type(gen).__name__, repr(gen), tuple(
+            tuple(map(tuple, base.tolist())) for base in gen.base_anchors))
+    return key
+
+
+def target_signature(head):
+    """Heads with equal signatures assign and encode their anchors alike
+    (assigner, box coder, ``pos_weight``, classes), so one
+    :func:`multi_anchor_targets` pass serves them all."""
+    sig = _SIGNATURES.get(head)
+    if sig is None:
+        assigner, coder = head.assigner, head.bbox_coder
+        sig = _SIGNATURES[head] = (
+            type(assigner).__name__, _attrs(assigner), type(coder).__name__,
+            _attrs(coder), head.train_cfg.get('pos_weight', -1),
+            head.num_classes)
+    return sig
+
+
+def _anchors_and_valid(parts, img_metas, device, cache=None):
+    """Anchors ``(A, 4)``, valid flags ``(B, A)`` (and ``valid - 1`` as
+    long: :func:`assign`'s targets of an image without boxes) of the
+    anchor sets
+    ``parts`` (``(head, featmap_sizes)`` pairs) one after another. They
+    depend only on the feature map sizes and the images' pad shapes, so with
+    a ``cache`` (an ``OrderedDict``) they are made once per shape, not every
+    step."""
     cache = collections.OrderedDict() if cache is None else cache
-    sizes = tuple(tuple(int(v) for v in s) for s in featmap_sizes)
     device = torch.device(device)
-    anchors = _cached(
-        cache, ('anchors', sizes, device),
-        lambda: torch.cat(gen.grid_priors(sizes, device=device)))
-    valid = []
-    for meta in img_metas:
-        pad = tuple(int(v) for v in meta['pad_shape'][:2])
-        valid.append(_cached(
-            cache, ('valid', sizes, pad, device),
-            lambda: torch.cat(gen.valid_flags(sizes, pad, device=device))))
-    return anchors, torch.stack(valid)
+    keys = tuple((_generator_key(h), _sizes_key(s)) for h, s in parts)
+
+    def anchors_of():
+        return torch.cat([
+            a for h, s in parts
+            for a in h.prior_generator.grid_priors(s, device=device)
+        ])
+
+    def valid_of(pad):
+        return lambda: torch.cat([
+            v for h, s in parts
+            for v in h.prior_generator.valid_flags(s, pad, device=device)
+        ])
+
+    def stacked(pads):
+        def make():
+            valid = torch.stack([
+                _cached(cache, ('valid', keys, pad, device), valid_of(pad))
+                for pad in pads
+            ])
+            return valid, valid.long() - 1
+        return make
+
+    anchors = _cached(cache, ('anchors', keys, device), anchors_of)
+    pads = tuple(tuple(int(v) for v in meta['pad_shape'][:2])
+                 for meta in img_metas)
+    valid, background = _cached(cache, ('batch', keys, pads, device),
+                                stacked(pads))
+    return anchors, valid, background
 
 
 def _pad_ground_truth(gt_instances, device):
-    """``(B, G, 4)`` boxes (padding: a unit box), ``(B, G)`` labels and
-    ``(B, G)`` mask of real boxes; ``G >= 1``."""
-    num = max([len(g) for g in gt_instances] + [1])
-    batch = len(gt_instances)
-    boxes = torch.zeros(batch, num, 4, device=device)
-    boxes[..., 2:] = 1.0
-    labels = torch.zeros(batch, num, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, num, dtype=torch.bool, device=device)
-    for i, gt in enumerate(gt_instances):
-        n = len(gt)
-        if n:
-            boxes[i, :n] = get_box_tensor(gt.bboxes).to(boxes)
-            labels[i, :n] = gt.labels.to(device)
-            mask[i, :n] = True
-    return boxes, labels, mask
+    """``(B, G, 4)`` boxes (padding: an empty box at the origin), ``(B, G)``
+    labels (padding: -1) and ``(B, G)`` mask of real boxes; ``G >= 1``."""
+    counts = [len(g) for g in gt_instances]
+    num = max(counts + [1])
+    boxes, labels = [], []
+    for gt, n in zip(gt_instances, counts):
+        box = get_box_tensor(gt.bboxes).to(device=device, dtype=torch.float32)
+        label = gt.labels.to(device=device, dtype=torch.long)
+        if n < num:
+            box = torch.nn.functional.pad(box.reshape(n, 4),
+                                          (0, 0, 0, num - n))
+            label = torch.nn.functional.pad(label, (0, num - n), value=-1)
+        boxes.append(box)
+        labels.append(label)
+    labels = torch.stack(labels)
+    return torch.stack(boxes), labels, labels >= 0
 
 
-def assign(overlaps, gt_mask, valid, assigner):
+def _segment_index(segments, device, cache):
+    """``(A,)`` index of the segment each anchor belongs to."""
+    return _cached(
+        cache, ('segments', tuple(segments), device),
+        lambda: torch.repeat_interleave(
+            torch.arange(len(segments), device=device),
+            torch.tensor(segments, device=device)))
+
+
+def assign(overlaps, gt_mask, valid, assigner, segments=None, cache=None,
+           background=None):
     """``MaxIoUAssigner.assign_wrt_overlaps`` for a batch.
 
     Args:
@@ -125,38 +207,62 @@ def assign(overlaps, gt_mask, valid, assigner):
         gt_mask (Tensor): ``(B, G)`` real (not padding) boxes.
         valid (Tensor): ``(B, A)`` anchors mmdet assigns (inside flags).
         assigner (MaxIoUAssigner): thresholds and options.
+        segments (list[int], optional): Anchors of each head, one after
+            another (:func:`multi_anchor_targets`): a box's low-quality
+            matches are searched per head. Default: one head.
+        cache (OrderedDict, optional): keeps the segment index.
+        background (Tensor, optional): ``valid.long() - 1``, if cached.
 
     Returns:
         Tensor: ``(B, A)`` long, as mmdet's ``gt_inds`` on valid anchors:
-        -1 ignored, 0 negative, ``i + 1`` box ``i``.
+        -1 ignored, 0 negative, ``i + 1`` box ``i``; -1 on invalid anchors.
     """
-    overlaps = overlaps.masked_fill(~gt_mask[:, :, None], -1.0)
-    overlaps = overlaps.masked_fill(~valid[:, None, :], -1.0)
+    keep = gt_mask[:, :, None] & valid[:, None, :]
+    overlaps = torch.where(keep, overlaps, -1.0)
     max_ov, argmax = overlaps.max(dim=1)  # per anchor
-    gt_max, gt_argmax = overlaps.max(dim=2)  # per box
-    gt_inds = torch.full_like(argmax, -1)
     neg = assigner.neg_iou_thr
-    if isinstance(neg, tuple):
-        gt_inds[(max_ov >= neg[0]) & (max_ov < neg[1])] = 0
-    else:
-        gt_inds[(max_ov >= 0) & (max_ov < neg)] = 0
-    pos = max_ov >= assigner.pos_iou_thr
-    gt_inds = torch.where(pos, argmax + 1, gt_inds)
+    low, high = neg if isinstance(neg, tuple) else (0, neg)
+    gt_inds = torch.where((max_ov >= low) & (max_ov < high), 0, -1)
+    gt_inds = torch.where(max_ov >= assigner.pos_iou_thr, argmax + 1,
+                          gt_inds)
     if assigner.match_low_quality:
-        ok = gt_mask & (gt_max >= assigner.min_pos_iou)
-        if assigner.gt_max_assign_all:
-            hit = overlaps == gt_max[:, :, None]
-        else:
-            hit = torch.zeros_like(overlaps, dtype=torch.bool)
-            hit.scatter_(2, gt_argmax[:, :, None], True)
-        hit &= ok[:, :, None]
+        hit = _low_quality_hits(overlaps, gt_mask, assigner, segments,
+                                cache)
         index = torch.arange(
             1, overlaps.size(1) + 1, device=overlaps.device)[None, :, None]
         last = torch.where(hit, index, 0).amax(dim=1)  # mmdet: later wins
         gt_inds = torch.where(last > 0, last, gt_inds)
-    # an image without boxes: every anchor is background
+    # an image without boxes: every valid anchor is background
+    background = valid.long() - 1 if background is None else background
     return torch.where(gt_mask.any(dim=1, keepdim=True), gt_inds,
-                       torch.zeros_like(gt_inds))
+                       background)
+
+
+def _low_quality_hits(overlaps, gt_mask, assigner, segments, cache):
+    """``(B, G, A)``: anchor ``a`` is a best anchor of box ``g`` (among its
+    head's anchors) and that box may take it (``min_pos_iou``)."""
+    if segments is None or len(segments) == 1:
+        gt_max, gt_argmax = overlaps.max(dim=2)  # per box
+        ok = gt_mask & (gt_max >= assigner.min_pos_iou)
+        if assigner.gt_max_assign_all:
+            return (overlaps == gt_max[:, :, None]) & ok[:, :, None]
+        hit = torch.zeros_like(overlaps, dtype=torch.bool)
+        return hit.scatter_(2, gt_argmax[:, :, None], ok[:, :, None])
+    cache = collections.OrderedDict() if cache is None else cache
+    best = [part.max(dim=2) for part in overlaps.split(segments, dim=2)]
+    gt_max = torch.stack([b.values for b in best], dim=2)  # (B, G, heads)
+    ok = gt_mask[:, :, None] & (gt_max >= assigner.min_pos_iou)
+    if assigner.gt_max_assign_all:
+        seg = _segment_index(segments, overlaps.device, cache)
+        return (overlaps == gt_max.index_select(2, seg)) & \
+            ok.index_select(2, seg)
+    starts = [0]
+    for size in segments[:-1]:
+        starts.append(starts[-1] + size)
+    gt_argmax = torch.stack(
+        [b.indices + start for b, start in zip(best, starts)], dim=2)
+    hit = torch.zeros_like(overlaps, dtype=torch.bool)
+    return hit.scatter_(2, gt_argmax, ok)
 
 
 def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device,
@@ -173,22 +279,58 @@ def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device,
         one per image, as mmdet's ``SamplingResult``), as the
         arguments of ``AnchorHead.loss_by_feat_single``.
     """
-    anchors, valid = _anchors_and_valid(head, featmap_sizes, img_metas,
-                                        device, cache)
+    return multi_anchor_targets([(head, featmap_sizes)], gt_instances,
+                                img_metas, device, cache)[0]
+
+
+def multi_anchor_targets(requests, gt_instances, img_metas, device,
+                         cache=None):
+    """:func:`anchor_targets` of several heads in one pass.
+
+    Args:
+        requests (list[tuple]): ``(head, featmap_sizes)`` pairs; the heads
+            have equal :func:`target_signature`. Heads with the same anchor
+            generator and sizes share their anchors.
+        gt_instances, img_metas: Of the batch.
+        device: Of the targets.
+        cache (OrderedDict, optional): Kept by the caller: anchors, valid
+            flags and layouts of the last shapes seen.
+
+    Returns:
+        list[tuple]: One :func:`anchor_targets` result per request, equal
+        to what each head gets alone.
+    """
+    if len({target_signature(h) for h, _ in requests}) != 1:
+        raise ValueError('multi_anchor_targets: the heads assign or encode '
+                         'differently (target_signature)')
+    cache = collections.OrderedDict() if cache is None else cache
+    device = torch.device(device)
+    parts, part_of = [], []  # distinct anchor sets; the one of each request
+    for head, sizes in requests:
+        key = (_generator_key(head), _sizes_key(sizes))
+        keys = [(_generator_key(h), _sizes_key(s)) for h, s in parts]
+        if key not in keys:
+            parts.append((head, sizes))
+            keys.append(key)
+        part_of.append(keys.index(key))
+    head = requests[0][0]
+    anchors, valid, background = _anchors_and_valid(parts, img_metas,
+                                                    device, cache)
+    segments = [sum(_level_sizes(h, s)) for h, s in parts]
     boxes, labels, gt_mask = _pad_ground_truth(gt_instances, device)
     batch, num_anchors = valid.shape
     overlaps = bbox_overlaps(
         boxes, anchors[None].expand(batch, -1, -1).to(boxes.dtype))
-    gt_inds = assign(overlaps, gt_mask, valid, head.assigner)
+    gt_inds = assign(overlaps, gt_mask, valid, head.assigner, segments,
+                     cache, background)
     del overlaps
 
-    pos = (gt_inds > 0) & valid
-    counted = (gt_inds >= 0) & valid
+    pos = gt_inds > 0
     matched = (gt_inds - 1).clamp(min=0)
     target_labels = torch.where(pos, labels.gather(1, matched),
                                 head.num_classes)
     pos_weight = head.train_cfg.get('pos_weight', -1)
-    label_weights = counted.float()
+    label_weights = (gt_inds >= 0).float()
     if pos_weight > 0:
         label_weights = torch.where(pos, float(pos_weight), label_weights)
     matched_boxes = boxes.gather(1, matched[..., None].expand(-1, -1, 4))
@@ -198,13 +340,158 @@ def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device,
     bbox_weights = pos[..., None].expand_as(deltas).to(deltas.dtype)
     bbox_targets = torch.where(pos[..., None], deltas, 0.0)
     # mmdet's SamplingResult counts max(num_pos, 1) per image
-    avg_factor = pos.sum(dim=1).clamp(min=1).sum().float()
+    if len(parts) == 1:
+        avg_factors = [pos.sum(dim=1).clamp(min=1).sum().float()]
+    else:
+        seg = _segment_index(segments, device, cache)
+        counts = pos.new_zeros(batch, len(parts), dtype=torch.float32)
+        counts.index_add_(1, seg, pos.float())
+        avg_factors = counts.clamp(min=1).sum(dim=0).unbind()
 
-    sizes = _level_sizes(head, featmap_sizes)
+    # level blocks of every part; mmdet flattens each (B, A_l) block, so
+    # they are laid out one after another (one gather per kind), not as
+    # strided views of the (B, A) batch (one copy per kind and level)
+    blocks = [_level_sizes(h, s) for h, s in parts]
+    flat = [b for sizes in blocks for b in sizes]
+    kinds = [target_labels, label_weights, bbox_targets, bbox_weights]
+    if len(flat) > 1:
+        order = _cached(cache, ('order', tuple(flat), batch, device),
+                        lambda: _block_order(flat, batch, device))
+        kinds = [
+            t.reshape(batch * num_anchors, *t.shape[2:]).index_select(
+                0, order) for t in kinds
+        ]
+    else:
+        kinds = [t.reshape(batch * num_anchors, *t.shape[2:])
+                 for t in kinds]
     per_image_anchors = anchors[None].expand(batch, -1, -1)
-    out = [
-        t.split(sizes, dim=1)
-        for t in (per_image_anchors, target_labels, label_weights,
-                  bbox_targets, bbox_weights)
-    ]
-    return (*out, avg_factor)
+    split = [t.split([batch * b for b in flat]) for t in kinds]
+    results, start = [], 0
+    part_levels = []
+    for sizes in blocks:
+        part_levels.append(range(start, start + len(sizes)))
+        start += len(sizes)
+    anchor_parts = per_image_anchors.split(flat, dim=1)
+    for p in part_of:
+        levels = part_levels[p]
+        out = [[anchor_parts[i] for i in levels]]
+        for t in split:
+            out.append([
+                t[i].view(batch, -1, *t[i].shape[1:]) for i in levels
+            ])
+        results.append((*out, avg_factors[p]))
+    return results
+
+
+def _block_order(flat, batch, device):
+    """Index that lays ``(B, A)`` rows (flattened) out block by block, each
+    block ``(B, A_l)`` contiguous."""
+    total = sum(flat)
+    index, start = [], 0
+    rows = torch.arange(batch, device=device)[:, None] * total
+    for size in flat:
+        index.append((rows + start + torch.arange(
+            size, device=device)[None]).reshape(-1))
+        start += size
+    return torch.cat(index)
+
+
+class SharedAnchorTargets:
+    """The anchor targets of several auxiliary detection heads, computed
+    together once per batch (:func:`multi_anchor_targets`).
+
+    ``LocalLearner`` calls :meth:`begin` with each iteration's data
+    samples and :meth:`release` when its local modules are done. The first
+    head asking for targets of that batch (:meth:`targets`) gets them
+    computed for every head of the group that shares its
+    :func:`target_signature`; the other heads' feature map sizes are
+    predicted from the batch shape (``ceil(size / stride)``, what stride-2
+    convs with ``padding=k//2`` give) and checked when each head asks: a
+    head whose sizes differ, or that asks with other data samples (e.g.
+    HPFF's patches), gets ``None`` and computes its own. Targets are the
+    same either way; only the number of kernels changes.
+    """
+
+    def __init__(self, heads=()):
+        self.heads = list(heads)  # DetAuxHead
+        self.cache = collections.OrderedDict()
+        self._samples = None
+        self._results = {}
+
+    def __len__(self):
+        return len(self.heads)
+
+    # a copy (of a head or of the whole learner) shares nothing: its heads
+    # compute their own targets
+    def __deepcopy__(self, memo):
+        return SharedAnchorTargets()
+
+    def __getstate__(self):
+        return SharedAnchorTargets().__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def begin(self, data_samples):
+        """A new batch: targets of ``data_samples`` are shared."""
+        self._samples = data_samples if len(self.heads) > 1 else None
+        self._results = {}
+
+    def release(self):
+        """Drop the batch and its targets."""
+        self._samples = None
+        self._results = {}
+
+    def targets(self, aux_head, featmap_sizes, data_samples, device):
+        """The targets of ``aux_head`` (a member) for ``data_samples`` and
+        ``featmap_sizes``, or None when they are not shared."""
+        if data_samples is not self._samples or not any(
+                h is aux_head for h in self.heads):
+            return None
+        sizes = _sizes_key(featmap_sizes)
+        key = id(aux_head)
+        if key not in self._results:
+            self._compute(aux_head, sizes, data_samples, device)
+        found = self._results.get(key)
+        if found is None or found[0] != sizes:
+            return None
+        return found[1]
+
+    def _compute(self, asking, sizes, data_samples, device):
+        signature = target_signature(asking.head)
+        shape = data_samples[0].metainfo.get('batch_input_shape')
+        members = [asking]
+        if shape is not None:
+            members += [
+                h for h in self.heads
+                if h is not asking and h.batched_targets
+                and id(h) not in self._results
+                and not h._uses_ignored(data_samples)
+                and target_signature(h.head) == signature
+            ]
+        requests = []
+        for member in members:
+            if member is asking:
+                requests.append((member.head, sizes))
+                continue
+            requests.append((member.head, tuple(
+                (math.ceil(shape[0] / sh), math.ceil(shape[1] / sw))
+                for sw, sh in member.head.prior_generator.strides)))
+        results = multi_anchor_targets(
+            requests, [s.gt_instances for s in data_samples],
+            [s.metainfo for s in data_samples], device, self.cache)
+        for member, (_, member_sizes), result in zip(members, requests,
+                                                     results):
+            self._results[id(member)] = (_sizes_key(member_sizes), result)
+
+
+def share_anchor_targets(modules):
+    """A :class:`SharedAnchorTargets` of every ``DetAuxHead`` inside
+    ``modules`` (e.g. a ``LocalLearner``'s aux nets), set as each head's
+    ``shared_targets``."""
+    from .det_head import DetAuxHead
+    heads = [m for m in modules.modules() if isinstance(m, DetAuxHead)]
+    group = SharedAnchorTargets(heads)
+    for head in heads:
+        head.shared_targets = group
+    return group

@@ -7,6 +7,7 @@ from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule
 
 from mmlocal.registry import MODELS
+from mmlocal.utils.compile import CompiledMethods, check_compile_option
 
 
 def padding_mask(data_samples, inputs):
@@ -71,12 +72,17 @@ class ReconDecoder(BaseModule):
             Default False.
         align_corners (bool): Of the bilinear upsampling. Default False
             (InfoPro: True).
+        compile (bool | dict): Run :meth:`forward` under ``torch.compile``
+            (:mod:`mmlocal.utils.compile`); the loss stays eager. Default
+            False.
     """
 
     def __init__(self, in_channels, stride, out_stride=4, channels=128,
                  widths=None, final_upsample=False, align_corners=False,
-                 norm_cfg=dict(type='BN'), init_cfg=None):
+                 norm_cfg=dict(type='BN'), compile=False, init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        # the decoder's forward (convs) under torch.compile
+        self.compiled = CompiledMethods(check_compile_option(compile))
         if out_stride > stride or stride % out_stride:
             raise ValueError(f'out_stride={out_stride} must divide the '
                              f'feature stride {stride}')
@@ -129,7 +135,7 @@ class ReconDecoder(BaseModule):
                 left out of the target (pooled over image pixels only) and
                 of the mean. None: every pixel counts.
         """
-        logits = self(y)
+        logits = self.compiled(self, 'forward', y)
         target, weight = image01, valid
         if self.out_stride > 1:
             if valid is None:

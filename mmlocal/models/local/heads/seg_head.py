@@ -5,6 +5,7 @@ from mmengine.model import BaseModule
 
 from mmlocal.models.losses.sync_free_losses import sync_free_loss
 from mmlocal.registry import MODELS
+from mmlocal.utils.compile import CompiledMethods, check_compile_option
 
 
 @MODELS.register_module()
@@ -28,6 +29,9 @@ class SegAuxHead(BaseModule):
         align_corners (bool): Of the resize of the logits to the label.
             Default False, as mmseg's decode heads (InfoPro: True).
         ignore_index (int): Ignored label. Default 255.
+        compile (bool | dict): Run the head's convs under ``torch.compile``
+            (:mod:`mmlocal.utils.compile`); the loss stays eager. Default
+            False.
 
     Stock ``mmseg.CrossEntropyLoss`` terms are used as
     :class:`~mmlocal.models.losses.SyncFreeCrossEntropyLoss` (same value and
@@ -42,8 +46,11 @@ class SegAuxHead(BaseModule):
                  norm_cfg=dict(type='BN', requires_grad=True),
                  align_corners=False,
                  ignore_index=255,
+                 compile=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        # the head's forward (convs) under torch.compile
+        self.compiled = CompiledMethods(check_compile_option(compile))
         cfg = dict(
             type='mmseg.FCNHead',
             in_channels=in_channels,
@@ -74,11 +81,12 @@ class SegAuxHead(BaseModule):
         ``groups`` interleaved groups (image ``i`` in group ``i % groups``:
         HPFF's stacked patches); each term is the mean over the groups of
         the loss each group would get alone."""
+        # mmseg's BaseDecodeHead.loss: forward, then loss_by_feat
+        seg_logits = self.compiled(self.head, 'forward', [y])
         if groups == 1:
-            losses = self.head.loss([y], data_samples, None)
+            losses = self.head.loss_by_feat(seg_logits, data_samples)
             # accuracy is a metric, not a loss: keep it out of the sum
             return {k: v for k, v in losses.items() if k.startswith('loss')}
-        seg_logits = self.head.forward([y])
         losses = {}
         for g in range(groups):
             part = self.head.loss_by_feat(seg_logits[g::groups],

@@ -1,0 +1,85 @@
+"""aux=dict(..., compile=...): the aux nets' convolutional parts under
+torch.compile (mmlocal.utils.compile). On the CPU the test compiles with
+backend='aot_eager' (AOTAutograd's forward/backward graphs, run by eager
+kernels): inductor's C++ code generation takes minutes on 2 cores; the
+graphs it would compile are the same."""
+import copy
+
+import pytest
+import torch
+from mmengine.registry import init_default_scope
+
+from local_utils import (TINY_RETINANET, KeepGradsOptimWrapper,
+                         assert_same_step, det_batch, grads, small_aux)
+from mmlocal.models.local.learner import LocalLearner
+from mmlocal.utils.compile import (CompiledMethods, check_compile_option,
+                                   compile_kwargs)
+
+
+def test_compile_option_is_checked():
+    assert check_compile_option(False) is None
+    assert check_compile_option(None) is None
+    assert check_compile_option(True) == {}
+    assert check_compile_option(dict(backend='aot_eager')) == dict(
+        backend='aot_eager')
+    with pytest.raises(ValueError, match='compile'):
+        check_compile_option('yes')
+    with pytest.raises(ValueError, match='unknown keys'):
+        check_compile_option(dict(fullgraf=True))
+    # CUDA graphs by default on CUDA only; an explicit choice wins
+    assert compile_kwargs({}, 'cuda')['mode'] == 'reduce-overhead'
+    assert 'mode' not in compile_kwargs({}, 'cpu')
+    assert 'mode' not in compile_kwargs(dict(backend='eager'), 'cuda')
+    assert compile_kwargs({}, 'cpu')['dynamic'] is False
+    init_default_scope('mmdet')
+    with pytest.raises(ValueError, match='with_cp'):
+        LocalLearner(TINY_RETINANET, num_modules=2,
+                     aux=small_aux(compile=True, with_cp=True))
+
+
+def test_copies_compile_their_own_methods():
+    """A deep copy of a compiled module runs its own weights."""
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.compiled = CompiledMethods(dict(backend='eager'))
+
+        def run(self, x):
+            return self.fc(x)
+
+        def forward(self, x):
+            return self.compiled(self, 'run', x)
+
+    a = Lin()
+    x = torch.randn(2, 3)
+    a(x)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.fc.weight.add_(1.0)
+    assert not b.compiled._fns
+    torch.testing.assert_close(b(x), b.fc(x))
+    torch.testing.assert_close(a(x), a.fc(x))
+
+
+def test_compiled_aux_step_equals_eager():
+    """DGL K=2 on a tiny RetinaNet: the transform and the aux detection
+    head's convs compiled; one step's losses and gradients equal eager's
+    up to float reassociation."""
+    runs = []
+    for compile in (False, dict(backend='aot_eager')):
+        init_default_scope('mmdet')
+        torch.manual_seed(0)
+        learner = LocalLearner(
+            TINY_RETINANET, num_modules=2,
+            aux=small_aux('mmlocal.DGLAux', compile=compile))
+        ow = KeepGradsOptimWrapper(
+            torch.optim.SGD(learner.parameters(), lr=0.))
+        logs = learner.train_step(det_batch(seed=1), ow)
+        runs.append((logs, grads(learner), learner))
+    compiled = runs[1][2].aux_nets[0]
+    assert compiled.compiled.enabled and compiled.compiled._fns
+    assert compiled.task_head.compiled._fns  # its predict()
+    assert all(v > 0 for k, v in runs[0][0].items() if 'local0' in k)
+    assert_same_step(runs[0][0], runs[0][1], runs[1][0], runs[1][1],
+                     rtol=1e-4, atol=1e-6)
