@@ -15,7 +15,8 @@ are gathered to rank 0 as a checkpoint would be:
   and optimizer state (rank 0), what each process holds
   (``<tag>_sync_held.pt``), rank 0's logs, the skip count and the
   predictions of ``val_step`` (whole model gathered on every process);
-- ``'_async'``: K=2 default stages, async, no clipping, ITERS iterations;
+- ``'_async'``: K=3, the default stages (measured on the first batch),
+  async, no clipping, ITERS iterations;
 - with 4 processes (``'_dp'``): 2 stages x 2 replicas, sync, each replica's
   stage 0 trains on its half of the batch;
 - ``'_refuse'`` (2 processes): what the wrapper refuses (ValueError
@@ -168,7 +169,7 @@ def run_sync(out, tag, distributed):
 
 
 def run_async(out, tag, distributed):
-    model = build(2)
+    model = build(3)
     net = wrap(model, schedule='async') if distributed else model
     ow = optim(net, clip=False)
     for it in range(ITERS):

@@ -167,17 +167,90 @@ def balanced_stages(costs, num_stages):
     return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def module_state_bytes(learner):
+def module_state_bytes(learner, grad_only=False):
     """Bytes of the parameters and buffers of each module (blocks, the stem
-    with module 0, its aux net; the neck and heads with the last)."""
+    with module 0, its aux net; the neck and heads with the last);
+    ``grad_only``: of its trainable parameters only."""
     owner = _owners(learner, [[k] for k in range(learner.num_modules)])
     costs = [0] * learner.num_modules
-    for name, t in itertools.chain(learner.named_parameters(),
-                                   learner.named_buffers()):
+    tensors = learner.named_parameters() if grad_only else itertools.chain(
+        learner.named_parameters(), learner.named_buffers())
+    for name, t in tensors:
         k = owner(name)
-        if k is not None:
+        if k is not None and (t.requires_grad or not grad_only):
             costs[k] += t.numel() * t.element_size()
     return costs
+
+
+def measure_module_costs(learner, data):
+    """Memory of each module in one training step of ``learner`` on
+    ``data``, measured, with nothing changed.
+
+    Runs ``learner.train_step`` under
+    :class:`~mmlocal.utils.memory.PeakMemoryMeter` with a mark after each
+    module (SGD with lr 0 and no NaN guard; gradients, buffers such as BN
+    statistics, the RNG state and the guard's counters are put back).
+
+    Returns:
+        tuple[list[int], list[int]]: per module, the activation peak of its
+        phase (the phase peak less the gradients of the earlier modules,
+        which a stage does not hold) and the bytes it keeps for the whole
+        run (parameters and buffers, plus gradients and one optimizer slot
+        per trainable parameter).
+    """
+    from mmengine.optim import OptimWrapper
+
+    from mmlocal.models.local.learner import _IterationState
+    from mmlocal.utils.memory import PeakMemoryMeter
+    device = next(learner.parameters()).device
+    saved = _IterationState(learner)
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == 'cuda' \
+        else None
+    guard = (learner.nan_guard, learner._nan_guard_calls,
+             learner.num_skipped_iters, learner.last_iter_skipped)
+    optim = OptimWrapper(torch.optim.SGD(
+        [p for p in learner.parameters() if p.requires_grad], lr=0.0))
+    optim.step = lambda **kwargs: None  # measure, never update
+    learner.nan_guard = None
+    try:
+        with PeakMemoryMeter(device) as meter:
+            learner.phase_callback = meter.mark
+            learner.train_step(data, optim)
+    finally:
+        learner.phase_callback = None
+        (learner.nan_guard, learner._nan_guard_calls,
+         learner.num_skipped_iters, learner.last_iter_skipped) = guard
+        saved.restore()
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    grads = module_state_bytes(learner, grad_only=True)
+    state = [s + 2 * g for s, g in zip(module_state_bytes(learner), grads)]
+    peaks = []
+    for k in range(learner.num_modules):
+        peak = meter.phases.get(f'module{k}', meter.peak_bytes)
+        peaks.append(max(0, int(peak) - sum(grads[:k])))
+    return peaks, state
+
+
+def balanced_stages_by_peak(peaks, state, num_stages):
+    """Contiguous stages minimising the largest stage estimate
+    ``max(peaks[k]) + sum(state[k])`` over its modules (modules run one
+    after another: their activations do not add up; what they keep does),
+    then the next largest, ... (all groupings tried: K is small)."""
+    num_modules = len(peaks)
+    best = None
+    for points in itertools.combinations(range(1, num_modules),
+                                         num_stages - 1):
+        bounds = [0] + list(points) + [num_modules]
+        costs = [max(peaks[a:b]) + sum(state[a:b])
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        key = (sorted(costs, reverse=True), points)
+        if best is None or key < best[0]:
+            best = (key, bounds)
+    bounds = best[1]
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _owners(learner, stages):
@@ -235,9 +308,11 @@ class LocalPipelineParallel(nn.Module):
     Args:
         module (LocalLearner): The model.
         stages (list[list[int]], optional): Module indices of each stage,
-            contiguous and covering ``0..K-1`` in order. Default: balance
-            the bytes of parameters and buffers each module holds
-            (:func:`module_state_bytes`) or, with ``module_costs``, those.
+            contiguous and covering ``0..K-1`` in order. Default: at the
+            first training step stage 0 of replica 0 measures the modules
+            on its batch (:func:`measure_module_costs`) and every process
+            takes :func:`balanced_stages_by_peak`; with ``module_costs``,
+            :func:`balanced_stages` of those (no measurement).
         schedule (str): ``'sync'`` or ``'async'``.
         num_replicas (int): Data-parallel replicas of every stage;
             ``world_size`` must be a multiple, the pipeline has
@@ -291,19 +366,19 @@ class LocalPipelineParallel(nn.Module):
         K = module.num_modules
         P = self.num_stages = world // num_replicas
         stages = check_stages(stages, K, P)
-        if stages is None:
-            if module_costs is not None and len(module_costs) != K:
-                raise ValueError(
-                    f'module_costs has {len(module_costs)} values for '
-                    f'num_modules={K}')
-            stages = balanced_stages(
-                module_costs or module_state_bytes(module), P)
-        self.stages = stages
+        if module_costs is not None and len(module_costs) != K:
+            raise ValueError(f'module_costs has {len(module_costs)} values '
+                             f'for num_modules={K}')
+        if stages is None and (module_costs is not None or P in (1, K)):
+            stages = balanced_stages(module_costs or [1] * K, P)
         self.replica, pos = divmod(rank, P)
         self.stage = P - 1 - pos
-        self.modules_range = (stages[self.stage][0],
-                              stages[self.stage][-1] + 1)
-        self._check_supported(module)
+        # None: measured at the first training step (_measure_stages)
+        self.stages = None
+        if stages is not None:
+            self._set_stages(stages)
+        else:
+            self._check_supported(module)
 
         def rank_of(replica, stage):
             return replica * P + (P - 1 - stage)
@@ -331,7 +406,6 @@ class LocalPipelineParallel(nn.Module):
         # sync: NaN flags agreed by every process; async: by the replicas
         module.guard_group = self._group if schedule == 'sync' \
             else self._dp_group
-        self._owner = _owners(module, stages)
         self._released = False
         self._in_flight = []
         self._iter = 0
@@ -344,9 +418,38 @@ class LocalPipelineParallel(nn.Module):
         self.hook_bound = False
 
     # ------------------------------------------------------------------
+    def _set_stages(self, stages):
+        self.stages = stages
+        self.modules_range = (stages[self.stage][0],
+                              stages[self.stage][-1] + 1)
+        self._check_supported(self.module)
+        self._owner = _owners(self.module, stages)
+
+    def _measure_stages(self, data):
+        """Default stages: stage 0 of replica 0 measures each module's
+        memory on its first batch (:func:`measure_module_costs`), every
+        process groups the modules with :func:`balanced_stages_by_peak`."""
+        src = self._rank_of(0, 0)
+        costs = [None]
+        if dist.get_rank() == src:
+            costs = [measure_module_costs(self.module, data)]
+        dist.broadcast_object_list(costs, src=src, group=self._cpu_group)
+        stages = balanced_stages_by_peak(*costs[0], self.num_stages)
+        self._set_stages(stages)
+        from mmengine.logging import print_log
+        print_log(
+            f'LocalPipelineParallel: stages {stages} balance the measured '
+            'memory of the modules (activation peak, parameter/gradient/'
+            f'optimizer bytes): {costs[0]}', logger='current')
+
     def _check_supported(self, learner):
-        """Refuse what needs parameters of another stage."""
-        stage_of = {k: s for s, mods in enumerate(self.stages) for k in mods}
+        """Refuse what needs parameters of another stage (stages not yet
+        known: what any grouping into several stages would refuse)."""
+        if self.stages is None:  # every module on a stage of its own
+            stage_of = {k: k for k in range(learner.num_modules)}
+        else:
+            stage_of = {k: s for s, mods in enumerate(self.stages)
+                        for k in mods}
         if learner.cascade_span is not None and self.num_stages > 1:
             raise ValueError(
                 f'aux type {type(learner.aux_nets[0]).__name__} is a cascade '
@@ -361,6 +464,30 @@ class LocalPipelineParallel(nn.Module):
                 'run different numbers of modules, so per-module agreed '
                 "reads cannot pair up; use nan_guard_check='step' (or "
                 "schedule='async', where only a stage's replicas agree)")
+        if self.stages is not None:
+            self._check_attached(learner, stage_of)
+        blocks = {id(b): next(k for k, (a, e) in enumerate(
+            learner.module_ranges) if a <= i < e)
+            for i, b in enumerate(learner._seq.blocks)}
+        for k, aux in enumerate(learner.aux_nets):
+            source = getattr(aux, '_source', None)
+            if not source:
+                continue
+            src = blocks.get(id(source[0]))
+            if src is not None and stage_of[src] != stage_of[k] and \
+                    self.num_stages > 1:
+                raise ValueError(
+                    f'{type(aux).__name__} of module {k} (pipeline stage '
+                    f'{stage_of[k]}) keeps an EMA copy of a block of module '
+                    f'{src}, which pipeline stage {stage_of[src]} trains; '
+                    'LocalPipelineParallel refuses it (its parameters would '
+                    'have to travel backward; with several stages some '
+                    f'module always meets this; stages={self.stages}). Use '
+                    'LocalDistributedDataParallel or a family without an '
+                    'EMA copy (InfoPro, DGL, AugLocal)')
+
+    def _check_attached(self, learner, stage_of):
+        """Attached stage outputs must be made on the last stage."""
         seq = learner._seq
         last = self.num_stages - 1
         for block, out_stage in seq._output_blocks.items():
@@ -376,23 +503,6 @@ class LocalPipelineParallel(nn.Module):
                     'go back to another stage; put that module on the last '
                     f'stage (stages={self.stages}) or drop it from '
                     'attach_stages')
-        blocks = {id(b): next(k for k, (a, e) in enumerate(
-            learner.module_ranges) if a <= i < e)
-            for i, b in enumerate(seq.blocks)}
-        for k, aux in enumerate(learner.aux_nets):
-            source = getattr(aux, '_source', None)
-            if not source:
-                continue
-            src = blocks.get(id(source[0]))
-            if src is not None and stage_of[src] != stage_of[k]:
-                raise ValueError(
-                    f'{type(aux).__name__} of module {k} (pipeline stage '
-                    f'{stage_of[k]}) keeps an EMA copy of a block of module '
-                    f'{src}, which pipeline stage {stage_of[src]} trains; '
-                    'LocalPipelineParallel refuses it (its parameters would '
-                    'have to travel backward). Group those modules into one '
-                    f'stage (stages={self.stages}) or use a family without '
-                    'an EMA copy (InfoPro, DGL, AugLocal)')
 
     @property
     def is_last(self):
@@ -755,6 +865,8 @@ class LocalPipelineParallel(nn.Module):
         """One iteration of this process's stage (see the module
         docstring); on the last stage the logs of every stage."""
         learner = self.module
+        if self.stages is None:
+            self._measure_stages(data)
         self.release_foreign(optim_wrapper)
         self._check_peers()
         try:
@@ -957,7 +1069,7 @@ class LocalPipelineHook(Hook):
             from mmengine.runner.loops import _InfiniteDataloaderIterator
             loop.dataloader_iterator = _InfiniteDataloaderIterator(loader)
         runner.logger.info(
-            f'LocalPipelineParallel: stages {wrapper.stages} '
+            f'LocalPipelineParallel: stages {wrapper.stages or "measured"} '
             f'(schedule={wrapper.schedule!r}, '
             f'num_replicas={wrapper.num_replicas}); this process: stage '
             f'{wrapper.stage}, replica {wrapper.replica}')
