@@ -6,7 +6,8 @@ _base_ = './infopro_faster-rcnn_r50_fpn_k4_8xb2-1x_coco.py'
 
 model = dict(
     # memory-balanced for MAN's aux nets (plan_split.py at 1x3x800x1333:
-    # estimated step peak 1.23 GiB at [6, 9, 12], 993 MiB here)
+    # estimated step peak 1.23 GiB at [6, 9, 12], 993 MiB here; planned
+    # with InfoPro's reconstruction decoder, which the aux no longer has)
     split_points=[4, 7, 14],
     aux=dict(
         _delete_=True,
