@@ -1,0 +1,98 @@
+"""tools/analysis/benchmark_parallel.py on a narrow LocalLearner RetinaNet
+(processes started by the tool, gloo on the CPU)."""
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+
+from conftest import REPO, run_tool
+
+TOOL = osp.join(REPO, 'tools', 'analysis', 'benchmark_parallel.py')
+_spec = importlib.util.spec_from_file_location('benchmark_parallel', TOOL)
+bp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bp)
+
+LOCAL_RETINANET_TINY = """
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+model = dict(
+    _delete_=True,
+    type='mmlocal.LocalLearner',
+    model=dict(
+        _base_.model,
+        backbone=dict(_base_.model.backbone, depth=18, base_channels=16,
+                      frozen_stages=-1, init_cfg=None),
+        neck=dict(_base_.model.neck, in_channels=[16, 32, 64, 128],
+                  out_channels=32),
+        bbox_head=dict(_base_.model.bbox_head, num_classes=3,
+                       in_channels=32, feat_channels=32, stacked_convs=1)),
+    num_modules=2,
+    aux=dict(type='mmlocal.InfoProAux', det_head=dict(feat_channels=16),
+             recon=dict(channels=16)))
+"""
+
+
+@pytest.fixture(scope='module')
+def tiny_cfg(tmp_path_factory):
+    path = tmp_path_factory.mktemp('bp') / 'local_retinanet_tiny.py'
+    path.write_text(LOCAL_RETINANET_TINY)
+    return str(path)
+
+
+def test_rows_run_print_and_plot(tiny_cfg, tmp_path):
+    """One process, two data-parallel processes (overlapped) and the async
+    pipeline (skipped with its reason if the wrapper is not there): every
+    row printed with images/s and memory, JSON and PNG written."""
+    rows = ['single', 'dp_local_overlap', 'pipe_async']
+    out = tmp_path / 'parallel.json'
+    plot = tmp_path / 'parallel.png'
+    proc = run_tool([TOOL, tiny_cfg, '--rows', *rows, '--procs', '2',
+                     '--input-shape', '1', '3', '64', '64', '--iters', '1',
+                     '--warmup', '1', '--timeout', '300', '--json',
+                     str(out), '--plot', str(plot)])
+    report = json.loads(out.read_text())
+    assert list(report['rows']) == rows
+    single, dp = report['rows']['single'], report['rows']['dp_local_overlap']
+    assert single['procs'] == 1 and dp['procs'] == 2
+    # data parallel: two processes, each its own image per iteration
+    assert single['images'] == 1 and dp['images'] == 2
+    for r in (single, dp):
+        assert r['images_per_s'] > 0 and r['peak_bytes'] > 0
+        assert r['static_bytes'] > 0
+        assert len(r['ranks']) == r['procs']
+    assert single['speedup'] == 1.0 and single['mem_ratio'] == 1.0
+    # both ranks hold the whole model: the same static bytes
+    assert dp['ranks'][0]['static_bytes'] == dp['ranks'][1]['static_bytes']
+    table = proc.stdout
+    for row in rows:
+        assert any(line.startswith(row) for line in table.splitlines()), \
+            table
+    pipe = report['rows']['pipe_async']
+    if bp.pipeline_available() is None:
+        assert pipe['available'] and pipe['images'] == 1, pipe
+    else:
+        assert pipe['reason'].startswith('skipped: '), pipe
+        assert 'LocalPipelineParallel' in table
+    assert plot.stat().st_size > 1000
+
+
+def test_pipeline_rows_skipped_with_the_reason(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(bp, 'pipeline_available',
+                        lambda: 'mmlocal.LocalPipelineParallel is not '
+                        'registered')
+    report = bp.run(tiny_cfg, rows=('pipe_sync', 'pipe_async'),
+                    input_shape=(1, 3, 32, 32), iters=1, verbose=False)
+    table = bp.format_table(report)
+    for row in ('pipe_sync', 'pipe_async'):
+        assert not report['rows'][row]['available']
+        assert f'{row:<18}  -- skipped: mmlocal.LocalPipelineParallel ' \
+            'is not registered' in table
+
+
+def test_bad_options_name_the_option(tiny_cfg):
+    with pytest.raises(ValueError, match='procs=1'):
+        bp.run(tiny_cfg, procs=1)
+    with pytest.raises(ValueError, match="'dp'"):
+        bp.run(tiny_cfg, rows=('dp', ))
+    with pytest.raises(ValueError, match='iters=0'):
+        bp.run(tiny_cfg, iters=0)

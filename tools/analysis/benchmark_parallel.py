@@ -1,0 +1,435 @@
+"""Local learning on one process vs P processes: images/s and per-process
+peak memory of every way mmlocal trains on several devices, in one run.
+
+Rows (every row runs in fresh processes started by this tool; on the CPU
+with gloo, the single-process row gets P threads, every P-process row one
+thread per process: the same total threads):
+
+- ``single``: ``LocalLearner`` in one process (the baseline);
+- ``pipe_sync`` / ``pipe_async``: ``mmlocal.LocalPipelineParallel``
+  (one pipeline stage per process, default memory-balanced grouping,
+  ``schedule='sync'`` / ``'async'``, ``max_in_flight=2``);
+- ``dp_local``: ``mmlocal.LocalDistributedDataParallel`` with
+  ``overlap_grad_reduce=False`` (gradients averaged in one block before the
+  step);
+- ``dp_local_overlap``: the same with ``overlap_grad_reduce=True`` (each
+  module's all-reduce starts after its local backward);
+- ``dp_e2e``: the plain model (``cfg.model.model``) under mmengine's
+  ``MMDistributedDataParallel`` (end-to-end backprop, torch DDP).
+
+Every process of every row trains on random batches of ``--input-shape``
+(the config's per-device batch): data-parallel processes each on their own
+batch (so P times the images per iteration), pipeline stages on the same
+batch (it passes through all of them). ``images/s`` is the images of
+``--iters`` iterations over the wall time between two barriers (after
+``--warmup`` iterations). Memory, per process, is measured on one more
+iteration as in ``benchmark_memory.py``: ``peak`` is the peak of live tensor
+bytes above the level before it (:class:`mmlocal.utils.memory.
+PeakMemoryMeter`), ``static`` the parameters, buffers and optimizer state
+the process holds; the table gives the largest process's ``static + peak``
+and its ratio to the single process's.
+
+Example (the table in docs/local_learning.md, "Benchmark: one device vs
+several")::
+
+    python tools/analysis/benchmark_parallel.py \\
+        configs/demo/infopro_retinanet_r18_fpn_k2_1xb4-300i_demo-trees.py \\
+        --procs 2 --iters 20 --warmup 3 --json work_dirs/parallel.json \\
+        --plot work_dirs/parallel.png
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+sys.path.insert(
+    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+import benchmark_memory as bm  # noqa: E402
+from mmlocal.utils.memory import format_bytes  # noqa: E402
+
+ROWS = ('single', 'pipe_sync', 'pipe_async', 'dp_local', 'dp_local_overlap',
+        'dp_e2e')
+ROW_TITLES = dict(
+    single='LocalLearner, 1 process',
+    pipe_sync='pipeline, sync',
+    pipe_async='pipeline, async',
+    dp_local='data parallel local (one block)',
+    dp_local_overlap='data parallel local (overlapped)',
+    dp_e2e='data parallel end-to-end (DDP)')
+PIPELINE = 'mmlocal.LocalPipelineParallel'
+
+
+def pipeline_available():
+    """``None`` if ``mmlocal.LocalPipelineParallel`` can be built, else the
+    reason."""
+    try:
+        import mmlocal.engine  # noqa: F401
+        from mmlocal.registry import MODEL_WRAPPERS
+        if MODEL_WRAPPERS.get(PIPELINE) is None:
+            return f'{PIPELINE} is not registered'
+    except Exception as exc:  # an import error of the wrapper module
+        return f'{PIPELINE} cannot be imported ({type(exc).__name__}: ' \
+               f'{exc})'
+    return None
+
+
+def default_input_shape(cfg):
+    """``(batch_size, 3, H, W)`` of the config's training data (its first
+    ``Resize`` scale), else benchmark_memory's default for the task."""
+    try:
+        loader = cfg.train_dataloader
+        pipeline = loader.dataset.get('pipeline', None) or []
+        scale = next(t['scale'] for t in pipeline
+                     if str(t.get('type', '')).endswith('Resize')
+                     and 'scale' in t)
+        w, h = (scale, scale) if isinstance(scale, int) else scale
+        return (int(loader.batch_size), 3, int(h), int(w))
+    except Exception:
+        plain = bm.plain_model_cfg(cfg)
+        return bm.default_input_shape(bm.detect_task(cfg, plain), plain)
+
+
+# ------------------------------------------------------------- one process
+def _wrap(row, model, cfg):
+    from mmengine.model import MMDistributedDataParallel
+
+    from mmlocal.engine.model_wrappers import LocalDistributedDataParallel
+    from mmlocal.registry import MODEL_WRAPPERS
+    if row == 'single':
+        return model
+    if row in ('dp_local', 'dp_local_overlap'):
+        return LocalDistributedDataParallel(
+            model, overlap_grad_reduce=row == 'dp_local_overlap')
+    if row == 'dp_e2e':
+        return MMDistributedDataParallel(
+            module=model, device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=bool(
+                cfg.get('find_unused_parameters', False)))
+    wrapper = dict(type=PIPELINE, stages=None, num_replicas=1,
+                   max_in_flight=2,
+                   schedule='sync' if row == 'pipe_sync' else 'async')
+    return MODEL_WRAPPERS.build(wrapper, default_args=dict(module=model))
+
+
+def worker(spec):
+    """Run one row's process (``RANK``/``WORLD_SIZE`` in the environment
+    when P > 1); returns its measurements."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+
+    from mmlocal.utils.memory import PeakMemoryMeter
+    row, world = spec['row'], int(os.environ.get('WORLD_SIZE', '1'))
+    # no Runner: LocalPipelineParallel's warning about its hook (checkpoints,
+    # data shards) does not apply to random batches
+    warnings.filterwarnings('ignore', message='LocalPipelineParallel runs')
+    torch.set_num_threads(spec['threads'])
+    rank = 0
+    if world > 1:
+        import datetime
+        dist.init_process_group('gloo', timeout=datetime.timedelta(
+            seconds=spec['timeout']))
+        rank = dist.get_rank()
+    cfg = bm.load_config(spec['config'], spec['cfg_options'])
+    plain = bm.plain_model_cfg(cfg)
+    task = bm.detect_task(cfg, plain)
+    num_classes = bm.find_num_classes(plain, task)
+    init_default_scope(bm.default_scope(cfg, task))
+    torch.manual_seed(spec['seed'])
+    model = bm.build_train_model(
+        bm.mode_model_cfg(cfg, 'e2e' if row == 'dp_e2e' else 'local'))
+    wrapped = _wrap(row, model, cfg)
+    optim_cfg = cfg.get('optim_wrapper', None) or bm.FALLBACK_OPTIM_WRAPPER
+    optim_wrapper = build_optim_wrapper(wrapped, copy.deepcopy(optim_cfg))
+    total = spec['warmup'] + spec['iters'] + 1
+    optim_wrapper.initialize_count_status(wrapped, 0, total)
+    # data parallel: every process its own batch; pipeline: the same batch
+    seed = spec['seed'] + (rank if row.startswith('dp_') else 0)
+    shape = spec['input_shape']
+    batches = [bm.make_random_batch(shape, task, num_classes, seed=seed + i)
+               for i in range(total)]
+
+    def barrier():
+        if world > 1:
+            dist.barrier()
+
+    def flush():  # an async pipeline's batches still in flight
+        for name in ('wait_in_flight', 'flush'):
+            if callable(getattr(wrapped, name, None)):
+                getattr(wrapped, name)()
+                return
+
+    for _ in range(spec['warmup']):
+        wrapped.train_step(batches.pop(0), optim_wrapper)
+    flush()
+    barrier()
+    start = time.perf_counter()
+    for _ in range(spec['iters']):
+        wrapped.train_step(batches.pop(0), optim_wrapper)
+    flush()
+    barrier()
+    elapsed = time.perf_counter() - start
+    meter = PeakMemoryMeter('cpu')
+    with meter:
+        wrapped.train_step(batches.pop(0), optim_wrapper)
+        flush()
+    static = bm._static_bytes(getattr(wrapped, 'module', wrapped),
+                              optim_wrapper)
+    images = shape[0] * spec['iters']
+    if row.startswith('dp_'):
+        images *= world  # every process trained on its own images
+    result = dict(rank=rank, time_s=elapsed, images=images,
+                  peak_bytes=int(meter.peak_bytes),
+                  static_bytes=static['param_bytes'] +
+                  static['optim_state_bytes'])
+    barrier()
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+# ------------------------------------------------------------------ driver
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_row(row, spec, procs, timeout=1800):
+    """Start the row's processes, wait, combine their results."""
+    world = 1 if row == 'single' else procs
+    spec = dict(spec, row=row, threads=procs if row == 'single' else 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = osp.join(tmp, 'spec.json')
+        with open(spec_file, 'w') as f:
+            json.dump(spec, f)
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()),
+                   WORLD_SIZE=str(world))
+        started = []
+        for rank in range(world):
+            out = osp.join(tmp, f'rank{rank}.json')
+            log = open(osp.join(tmp, f'rank{rank}.log'), 'w')
+            started.append((subprocess.Popen(
+                [sys.executable, osp.abspath(__file__), '--worker',
+                 spec_file, out],
+                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                stdout=log, stderr=subprocess.STDOUT), log, out))
+        deadline = time.monotonic() + timeout
+        try:
+            for proc, _, _ in started:
+                proc.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for proc, log, _ in started:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+        failed = [r for r, (p, _, _) in enumerate(started) if p.returncode]
+        if failed:
+            with open(osp.join(tmp, f'rank{failed[0]}.log')) as f:
+                tail = f.read()[-3000:]
+            return dict(available=False, error=True,
+                        reason=f'rank {failed[0]} failed '
+                        f'(exit {started[failed[0]][0].returncode}):\n'
+                        f'{tail}')
+        ranks = []
+        for _, _, out in started:
+            with open(out) as f:
+                ranks.append(json.load(f))
+    time_s = max(r['time_s'] for r in ranks)
+    images = ranks[0]['images']
+    worst = max(ranks, key=lambda r: r['static_bytes'] + r['peak_bytes'])
+    return dict(available=True, procs=world, images=images, time_s=time_s,
+                images_per_s=images / time_s,
+                peak_bytes=worst['peak_bytes'],
+                static_bytes=worst['static_bytes'],
+                total_bytes=worst['static_bytes'] + worst['peak_bytes'],
+                ranks=ranks)
+
+
+def run(config, rows=ROWS, procs=2, input_shape=None, iters=10, warmup=2,
+        seed=0, cfg_options=None, timeout=1800, verbose=True):
+    """Measure ``rows``; returns the report (see :func:`format_table`)."""
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ValueError(f'rows={list(rows)}: {bad} are not rows; choose '
+                         f'from {ROWS}')
+    if isinstance(procs, bool) or not isinstance(procs, int) or procs < 2:
+        raise ValueError(f'procs={procs!r} must be an int >= 2')
+    if iters < 1 or warmup < 0:
+        raise ValueError(f'need iters >= 1 and warmup >= 0, got '
+                         f'iters={iters} warmup={warmup}')
+    cfg = bm.load_config(config, cfg_options)
+    if not bm.is_local_learner(cfg.model):
+        raise ValueError(f'{config}: cfg.model is not a LocalLearner')
+    shape = bm._check_shape(input_shape or default_input_shape(cfg))
+    spec = dict(config=osp.abspath(config) if osp.isfile(str(config))
+                else str(config), cfg_options=cfg_options or {},
+                input_shape=list(shape), iters=iters, warmup=warmup,
+                seed=seed, timeout=timeout)
+    report = dict(config=str(config), procs=procs, input_shape=list(shape),
+                  iters=iters, warmup=warmup, rows={})
+    why_no_pipeline = pipeline_available()
+    for row in rows:
+        if row.startswith('pipe_') and why_no_pipeline:
+            result = dict(available=False,
+                          reason=f'skipped: {why_no_pipeline}')
+        else:
+            if verbose:
+                print(f'[{row}] {ROW_TITLES[row]} ...', flush=True)
+            result = run_row(row, spec, procs, timeout=timeout)
+        report['rows'][row] = result
+        if verbose and not result['available']:
+            print(f'[{row}] {result["reason"]}', flush=True)
+    base = report['rows'].get('single', {})
+    for result in report['rows'].values():
+        if result.get('available') and base.get('available'):
+            result['speedup'] = result['images_per_s'] / \
+                base['images_per_s']
+            result['mem_ratio'] = result['total_bytes'] / \
+                base['total_bytes']
+    return report
+
+
+def format_table(report):
+    shape = 'x'.join(map(str, report['input_shape']))
+    lines = [
+        f"{report['config']}  input {shape} per process, "
+        f"{report['procs']} processes, {report['iters']} timed iterations",
+        f"{'row':<18}{'procs':>6}{'images/s':>10}{'x single':>10}"
+        f"{'static':>11}{'peak':>11}{'static+peak':>13}{'x single':>10}"]
+    for row, r in report['rows'].items():
+        if not r.get('available'):
+            reason = r['reason'].splitlines()[0] if r['reason'] else ''
+            lines.append(f'{row:<18}  -- {reason}')
+            continue
+        speed = f"{r['speedup']:.2f}" if 'speedup' in r else '-'
+        mem = f"{r['mem_ratio']:.2f}" if 'mem_ratio' in r else '-'
+        lines.append(
+            f"{row:<18}{r['procs']:>6}{r['images_per_s']:>10.2f}"
+            f"{speed:>10}{format_bytes(r['static_bytes']):>11}"
+            f"{format_bytes(r['peak_bytes']):>11}"
+            f"{format_bytes(r['total_bytes']):>13}{mem:>10}")
+    lines.append('static: parameters, buffers and optimizer state of the '
+                 'largest process; peak: its live tensors above that '
+                 'during one iteration')
+    return '\n'.join(lines)
+
+
+def save_plot(report, out_file):
+    """Two bar charts: images/s and the largest process's memory."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SystemExit(
+            '--plot needs matplotlib, which is not installed in this '
+            'environment (pip install matplotlib)') from exc
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    avail = [(row, r) for row, r in report['rows'].items()
+             if r.get('available')]
+    if not avail:
+        raise SystemExit('--plot: no row was measured')
+    names = [row for row, _ in avail]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, scale, label, ratio in (
+            (axes[0], 'images_per_s', 1, 'images/s', 'speedup'),
+            (axes[1], 'total_bytes', 2**20, 'static + peak per process '
+             '[MiB]', 'mem_ratio')):
+        values = [r[key] / scale for _, r in avail]
+        bars = ax.bar(names, values)
+        for bar, (_, r) in zip(bars, avail):
+            text = f'{r[key] / scale:.1f}'
+            if r.get(ratio) is not None:
+                text += f'\n({r[ratio]:.2f}x)'
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2,
+                               bar.get_height()),
+                        ha='center', va='bottom', fontsize=8)
+        ax.set_ylabel(label)
+        ax.margins(y=0.25)
+        ax.tick_params(axis='x', labelrotation=30, labelsize=8)
+    fig.suptitle(f"{osp.basename(report['config'])}  "
+                 f"{'x'.join(map(str, report['input_shape']))}, "
+                 f"{report['procs']} processes", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
+    fig.savefig(out_file, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(
+        description='images/s and per-process memory: one process vs P '
+        'processes (pipeline sync/async, data parallel local/overlapped, '
+        'data parallel end-to-end)',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='a LocalLearner config')
+    parser.add_argument('--procs', type=int, default=2,
+                        help='processes of the parallel rows (P)')
+    parser.add_argument('--rows', nargs='+', default=list(ROWS),
+                        choices=ROWS)
+    parser.add_argument(
+        '--input-shape', nargs='+', type=int, default=None,
+        help='N C H W per process (default: the config\'s batch size and '
+        'Resize scale)')
+    parser.add_argument('--iters', type=int, default=10,
+                        help='timed iterations')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--timeout', type=int, default=1800,
+                        help='seconds per row (and process group timeout)')
+    parser.add_argument('--json', help='write the results as JSON here')
+    parser.add_argument('--plot', help='write a bar chart (PNG) here')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value (see tools/train.py)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['--worker']:
+        with open(argv[1]) as f:
+            result = worker(json.load(f))
+        with open(argv[2], 'w') as f:
+            json.dump(result, f)
+        return 0
+    args = parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit('--plot needs matplotlib, which is not '
+                             'installed in this environment (pip install '
+                             'matplotlib)')
+    report = run(args.config, rows=args.rows, procs=args.procs,
+                 input_shape=args.input_shape, iters=args.iters,
+                 warmup=args.warmup, seed=args.seed,
+                 cfg_options=args.cfg_options, timeout=args.timeout)
+    print(format_table(report))
+    if args.json:
+        bm.save_json(report, args.json)
+        print(f'results written to {args.json}')
+    if args.plot:
+        save_plot(report, args.plot)
+        print(f'plot written to {args.plot}')
+    return 1 if any(r.get('error') for r in report['rows'].values()) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
