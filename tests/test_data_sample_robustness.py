@@ -222,3 +222,23 @@ def test_crop_edge_cases():
     out = crop_det_sample(sample, 0, 64, 0, 32)
     assert isinstance(out.gt_instances.bboxes, HorizontalBoxes)
     assert len(out.gt_instances.labels) == len(out.gt_instances.bboxes)
+
+
+def test_crop_of_all_patches_at_once_equals_one_by_one():
+    from mmlocal.models.local.aux.pff import crop_det_sample, crop_det_samples
+    sample = _demo_sample(num_items=[7], with_mask=True, use_box_type=True)
+    sample.gt_instances.scores = torch.rand(7)
+    regions = [(0, 32, 0, 32), (0, 32, 32, 64), (32, 64, 0, 32),
+               (32, 64, 32, 64)]
+    together = crop_det_samples(sample, regions)
+    for (y0, y1, x0, x1), got in zip(regions, together):
+        want = crop_det_sample(sample, y0, y1, x0, x1)
+        assert got.img_shape == want.img_shape == (y1 - y0, x1 - x0)
+        for key in ('gt_instances', 'ignored_instances'):
+            a, b = got.get(key), want.get(key)
+            assert set(a.keys()) == set(b.keys())
+            assert torch.equal(a.bboxes.tensor, b.bboxes.tensor)
+        a, b = got.gt_instances, want.gt_instances
+        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.masks.masks, b.masks.masks)

@@ -93,6 +93,62 @@ def _crop_instances(instances, x0, y0, width, height, min_size):
     return out
 
 
+def _crop_instances_all(instances, regions, min_size):
+    """:func:`_crop_instances` for every ``(x0, y0, x1, y1)`` of
+    ``regions``, the box arithmetic of all regions in one set of tensor ops
+    (the same ops per element, so the same boxes)."""
+    from mmengine.structures import InstanceData
+    if 'bboxes' not in instances or len(regions) == 1:
+        return [
+            _crop_instances(instances, x0, y0, x1 - x0, y1 - y0, min_size)
+            for x0, y0, x1, y1 in regions
+        ]
+    boxes = instances.bboxes
+    tensor = boxes if torch.is_tensor(boxes) else boxes.tensor
+    corners = torch.tensor(regions, dtype=tensor.dtype, device=tensor.device)
+    origin = corners[:, :2].repeat(1, 2)[:, None]  # (G, 1, 4): x0 y0 x0 y0
+    size = (corners[:, 2:] - corners[:, :2]).repeat(1, 2)[:, None]
+    t = torch.minimum((tensor[None] - origin).clamp(min=0), size)
+    keep = ((t[..., 2:] - t[..., :2]) >= min_size).all(dim=-1)  # (G, n)
+    others = InstanceData(metainfo=instances.metainfo, **{
+        k: v for k, v in instances.items() if k != 'bboxes'})
+    outs = []
+    for g, (x0, y0, x1, y1) in enumerate(regions):
+        out = others[keep[g]] if len(others.keys()) else \
+            InstanceData(metainfo=instances.metainfo)
+        kept = t[g][keep[g]]
+        out.bboxes = kept if torch.is_tensor(boxes) else type(boxes)(kept)
+        masks = out.get('masks')
+        if masks is not None and hasattr(masks, 'crop'):
+            out.masks = _crop_masks(masks, x0, y0, x1 - x0, y1 - y0)
+        outs.append(out)
+    return outs
+
+
+def crop_det_samples(sample, regions, min_size=2):
+    """:func:`crop_det_sample` for every ``(y0, y1, x0, x1)`` of
+    ``regions``, the boxes of all regions computed at once."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    outs = [
+        DetDataSample(metainfo=_patch_meta(sample, y1 - y0, x1 - x0))
+        for y0, y1, x0, x1 in regions
+    ]
+    for key, value in sample.items():
+        if isinstance(value, InstanceData):
+            values = _crop_instances_all(
+                value, [(x0, y0, x1, y1) for y0, y1, x0, x1 in regions],
+                min_size)
+        else:
+            values = [
+                _crop_fields_value(value, sample, y0, y1, x0, x1, min_size)
+                for y0, y1, x0, x1 in regions
+            ]
+        for out, part in zip(outs, values):
+            out.set_field(part, key)
+    return outs
+
+
 def _crop_pixels(pixels, y0, y1, x0, x1, img_shape):
     """A ``PixelData`` cropped to the image region ``[y0:y1, x0:x1]``.
 
@@ -115,16 +171,22 @@ def _crop_pixels(pixels, y0, y1, x0, x1, img_shape):
 def _crop_fields(sample, out, y0, y1, x0, x1, min_size):
     """Copy every data field of ``sample`` into ``out``: instance sets and
     pixel maps cropped to the region, anything else as it is."""
-    from mmengine.structures import InstanceData, PixelData
-    height, width = y1 - y0, x1 - x0
     for key, value in sample.items():
-        if isinstance(value, InstanceData):
-            value = _crop_instances(value, x0, y0, width, height, min_size)
-        elif isinstance(value, PixelData):
-            value = _crop_pixels(value, y0, y1, x0, x1,
-                                 sample.metainfo.get('img_shape', (0, 0)))
-        out.set_field(value, key)
+        out.set_field(
+            _crop_fields_value(value, sample, y0, y1, x0, x1, min_size), key)
     return out
+
+
+def _crop_fields_value(value, sample, y0, y1, x0, x1, min_size):
+    """One data field of ``sample`` for the region (see
+    :func:`_crop_fields`)."""
+    from mmengine.structures import InstanceData, PixelData
+    if isinstance(value, InstanceData):
+        return _crop_instances(value, x0, y0, x1 - x0, y1 - y0, min_size)
+    if isinstance(value, PixelData):
+        return _crop_pixels(value, y0, y1, x0, x1,
+                            sample.metainfo.get('img_shape', (0, 0)))
+    return value
 
 
 def _patch_meta(sample, height, width):
@@ -221,7 +283,6 @@ def stack_patches(h, inputs, data_samples, grid, stride, task,
                        f'({height}x{width})')
     cols = grid_slices(width, grid, remainder, f'aux input width '
                        f'({height}x{width})')
-    crop = crop_det_sample if task == 'det' else crop_seg_sample
     n = h.shape[0]
     if not (height % grid or width % grid or in_h != height * stride
             or in_w != width * stride):
@@ -255,11 +316,14 @@ def stack_patches(h, inputs, data_samples, grid, stride, task,
                            torch.stack(xs, 1).flatten(0, 1), regions))
     out = []
     for h_b, inputs_b, regions in stacks:
-        samples_b = [
-            crop(sample, r0 * stride, min(r1 * stride, in_h), c0 * stride,
-                 min(c1 * stride, in_w))
-            for sample in data_samples for r0, r1, c0, c1 in regions
-        ]
+        pixels = [(r0 * stride, min(r1 * stride, in_h), c0 * stride,
+                   min(c1 * stride, in_w)) for r0, r1, c0, c1 in regions]
+        samples_b = []
+        for sample in data_samples:
+            if task == 'det':
+                samples_b += crop_det_samples(sample, pixels)
+            else:
+                samples_b += [crop_seg_sample(sample, *p) for p in pixels]
         out.append((h_b, inputs_b, samples_b, len(regions)))
     return out
 
