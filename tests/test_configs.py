@@ -14,6 +14,14 @@ ALL = [p for p in ALL if '/_base_/' not in p]
 LOCAL = sorted(glob.glob(osp.join(REPO, 'configs', 'local', '*.py')))
 
 
+def _demo_default_config():
+    """The config ``bash tools/demo.sh`` trains when given none."""
+    import re
+    with open(osp.join(REPO, 'tools', 'demo.sh')) as f:
+        path, = re.findall(r'CONFIG="\$\{1:-([^}]+)\}"', f.read())
+    return osp.join(REPO, path)
+
+
 def _offline(model_cfg):
     """No downloads, no SyncBN: what a single CPU process can build."""
     if isinstance(model_cfg, dict):
@@ -42,7 +50,8 @@ def test_config_parses(path):
 
 @pytest.mark.parametrize(
     'path', [p for p in LOCAL if '_k4_' in p and 'infopro' in p] +
-    [p for p in LOCAL if '_k2_' in p and 'dgl' in p],
+    [p for p in LOCAL if '_k2_' in p and 'dgl' in p] +
+    [_demo_default_config()],
     ids=lambda p: osp.basename(p))
 def test_local_config_builds(path):
     cfg = Config.fromfile(path)
