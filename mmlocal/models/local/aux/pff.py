@@ -248,14 +248,20 @@ def iter_patches(h, inputs, data_samples, grid, stride, task,
                        f'({height}x{width})')
     cols = grid_slices(width, grid, remainder, f'aux input width '
                        f'({height}x{width})')
-    crop = crop_det_sample if task == 'det' else crop_seg_sample
+    pixels = [(r0 * stride, min(r1 * stride, in_h), c0 * stride,
+               min(c1 * stride, in_w)) for r0, r1 in rows for c0, c1 in cols]
+    if task == 'det':  # the boxes of all patches at once
+        crops = [crop_det_samples(s, pixels) for s in data_samples]
+    else:
+        crops = [[crop_seg_sample(s, *p) for p in pixels]
+                 for s in data_samples]
+    index = 0
     for r0, r1 in rows:
-        y0, y1 = r0 * stride, min(r1 * stride, in_h)
         for c0, c1 in cols:
-            x0, x1 = c0 * stride, min(c1 * stride, in_w)
-            samples = [crop(s, y0, y1, x0, x1) for s in data_samples]
+            y0, y1, x0, x1 = pixels[index]
             yield (h[..., r0:r1, c0:c1], inputs[..., y0:y1, x0:x1],
-                   samples)
+                   [per_sample[index] for per_sample in crops])
+            index += 1
 
 
 def stack_patches(h, inputs, data_samples, grid, stride, task,
