@@ -104,7 +104,9 @@ def batch_for(it, replicas=1, replica=0):
 
 def wrap(model, **kwargs):
     from mmlocal.engine.model_wrappers import LocalPipelineParallel
-    return LocalPipelineParallel(model, **kwargs)
+    net = LocalPipelineParallel(model, **kwargs)
+    net.hook_bound = True  # no Runner: checkpoints gathered by hand
+    return net
 
 
 def state_of(model):

@@ -70,10 +70,12 @@ the one waiting for its data after ``timeout_s`` (also the timeout of the
 wrapper's process groups).
 """
 import datetime
+import functools
 import itertools
 import pickle
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -865,6 +867,12 @@ class LocalPipelineParallel(nn.Module):
         """One iteration of this process's stage (see the module
         docstring); on the last stage the logs of every stage."""
         learner = self.module
+        if self._iter == 0 and not self.hook_bound:
+            warnings.warn(
+                'LocalPipelineParallel runs without mmlocal.LocalPipelineHook'
+                ': a Runner then saves incomplete checkpoints and reads one '
+                'shard per process. Add custom_hooks=[dict(type='
+                '"mmlocal.LocalPipelineHook")] (tools/train.py does)')
         if self.stages is None:
             self._measure_stages(data)
         self.release_foreign(optim_wrapper)
@@ -1018,7 +1026,10 @@ class LocalPipelineHook(Hook):
     - the training sampler shards the data by *replica*: the processes of
       one pipeline see the same shard (stage 0 reads the batches that the
       pipeline trains on; the other stages' batches are not used) and the
-      replicas see disjoint ones, so one pass covers the dataset;
+      replicas see disjoint ones, so one pass covers the dataset; the
+      dataloader workers are seeded by replica too (mmengine seeds them by
+      rank), so with one replica the batches and their augmentation are
+      those of a one-process run;
     - at the end of training every sent batch has been received.
 
     ``tools/train.py`` (``setup_launcher``) adds it when the config's
@@ -1065,6 +1076,23 @@ class LocalPipelineHook(Hook):
                 'world_size; every stage-0 process reads its own shard')
             return
         _shard_by_replica(sampler, wrapper.replica, wrapper.num_replicas)
+        init_fn = getattr(loader, 'worker_init_fn', None)
+        if isinstance(init_fn, functools.partial) and \
+                'rank' in init_fn.keywords:
+            # workers seeded as those of process `replica` (mmengine seeds
+            # them by rank): the augmentation of one process's run
+            loader.worker_init_fn = functools.partial(
+                init_fn.func, *init_fn.args,
+                **dict(init_fn.keywords, rank=wrapper.replica))
+        # forget what the loop's first iterator already drew: mmdet's
+        # aspect-ratio buckets, persistent workers (started with the old
+        # seeds and indices)
+        buckets = getattr(loader.batch_sampler, '_aspect_ratio_buckets',
+                          None)
+        if isinstance(buckets, list):
+            loader.batch_sampler._aspect_ratio_buckets = [[] for _ in buckets]
+        if getattr(loader, '_iterator', None) is not None:
+            loader._iterator = None
         if hasattr(loop, 'dataloader_iterator'):
             from mmengine.runner.loops import _InfiniteDataloaderIterator
             loop.dataloader_iterator = _InfiniteDataloaderIterator(loader)
