@@ -46,8 +46,12 @@ def local_backward(optim_wrapper, loss, retain_graph=False):
             module also reaches the neck attached).
     """
     check_local_optim_wrapper(optim_wrapper)
-    # division by accumulative_counts (or the remainder); does not count
-    loss = optim_wrapper.scale_loss(loss)
+    # division by accumulative_counts (or the remainder); does not count.
+    # Without accumulation mmengine divides by 1: exact, so skipped (one
+    # kernel and its backward fewer per module)
+    if not (type(optim_wrapper).scale_loss is OptimWrapper.scale_loss
+            and getattr(optim_wrapper, '_accumulative_counts', None) == 1):
+        loss = optim_wrapper.scale_loss(loss)
     if isinstance(optim_wrapper, AmpOptimWrapper):
         loss = optim_wrapper.loss_scaler.scale(loss)
     if not torch.is_tensor(loss) or not loss.requires_grad:

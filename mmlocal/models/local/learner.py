@@ -601,7 +601,8 @@ class LocalLearner(BaseModel):
             for name, value in logs_k.items():
                 if name != 'loss':
                     local_logs[f'local{k}.{name}'] = value
-            local_total = local_total + loss_k.detach()
+            local_total = loss_k.detach() if k == modules[0] else \
+                local_total + loss_k.detach()
             self._mark(f'module{k}')
         return x, local_total
 

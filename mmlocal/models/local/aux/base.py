@@ -5,11 +5,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
+from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.checkpoint import checkpoint
 
 from mmlocal.registry import MODELS
 from mmlocal.utils.compile import CompiledMethods, check_compile_option
 from ..heads.recon_decoder import padding_mask
+
+
+# per batch (the preprocessed inputs, while they live): reconstruction
+# targets made once for all aux nets (BaseLocalAux.recon_inputs)
+_RECON_INPUTS = WeakIdKeyDictionary()
 
 
 @dataclass
@@ -139,6 +145,8 @@ class BaseLocalAux(BaseModule):
                                  persistent=False)
             self.register_buffer('img_std', module_info.img_std.clone(),
                                  persistent=False)
+            self._norm_key = (tuple(self.img_mean.flatten().tolist()),
+                              tuple(self.img_std.flatten().tolist()))
         else:
             self.img_mean = self.img_std = None
 
@@ -201,6 +209,20 @@ class BaseLocalAux(BaseModule):
         """The input image back in [0, 1] (InfoPro's reconstruction target)."""
         return (inputs * self.img_std + self.img_mean) / 255.0
 
+    def recon_inputs(self, inputs, data_samples):
+        """``(image01(inputs), padding_mask(...))``, made once per batch
+        and shared by the aux nets of a learner (same normalisation): the
+        decoders of all modules then also share their pooled target."""
+        per_batch = _RECON_INPUTS.get(inputs)
+        if per_batch is None:
+            per_batch = _RECON_INPUTS[inputs] = {}
+        key = (self._norm_key, id(data_samples))
+        if key not in per_batch:  # (data_samples kept: its id stays valid)
+            per_batch[key] = (self.image01(inputs),
+                              padding_mask(data_samples, inputs),
+                              data_samples)
+        return per_batch[key][:2]
+
     def loss(self, h, inputs, data_samples):
         """Local losses of module ``k`` (already weighted).
 
@@ -227,6 +249,6 @@ class BaseLocalAux(BaseModule):
                 value * self.task_weight
         if self.recon is not None:
             losses['loss_recon'] = self.recon_weight * self.segment(
-                self.recon.loss, y, self.image01(inputs),
-                padding_mask(data_samples, inputs))
+                self.recon.loss, y,
+                *self.recon_inputs(inputs, data_samples))
         return losses

@@ -5,9 +5,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 from mmengine.model import BaseModule
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mmlocal.registry import MODELS
 from mmlocal.utils.compile import CompiledMethods, check_compile_option
+
+
+# per image tensor (while it lives): pooled targets (ReconDecoder.target)
+_TARGETS = WeakIdKeyDictionary()
 
 
 def padding_mask(data_samples, inputs):
@@ -126,6 +131,33 @@ class ReconDecoder(BaseModule):
     def forward(self, y):
         return self.to_rgb(self.ups(self.proj(y)))
 
+    def target(self, image01, valid=None):
+        """``(target, weight)`` of :meth:`loss`: the image pooled to
+        ``out_stride`` (over image pixels only with ``valid``), in [0, 1],
+        fp32, and the pooled ``valid`` (or None). Made once per
+        ``image01`` tensor, ``valid`` and ``out_stride``: decoders of
+        several modules given the same image share it."""
+        per_image = _TARGETS.get(image01)
+        if per_image is None:
+            per_image = _TARGETS[image01] = {}
+        key = (self.out_stride, None if valid is None else id(valid))
+        if key not in per_image:  # (valid kept: its id stays valid)
+            per_image[key] = (*self._make_target(image01, valid), valid)
+        return per_image[key][:2]
+
+    def _make_target(self, image01, valid):
+        target, weight = image01, valid
+        if self.out_stride > 1:
+            if valid is None:
+                target = F.avg_pool2d(target, self.out_stride, ceil_mode=True)
+            else:
+                weight = F.avg_pool2d(valid, self.out_stride, ceil_mode=True)
+                target = F.avg_pool2d(
+                    image01 * valid, self.out_stride,
+                    ceil_mode=True) / weight.clamp(min=1e-6)
+        target = target.float().clamp(0, 1)
+        return target, None if weight is None else weight.float()
+
     def loss(self, y, image01, valid=None):
         """BCE between the decoded image and ``image01`` (N, 3, H, W).
 
@@ -136,15 +168,7 @@ class ReconDecoder(BaseModule):
                 of the mean. None: every pixel counts.
         """
         logits = self.compiled(self, 'forward', y)
-        target, weight = image01, valid
-        if self.out_stride > 1:
-            if valid is None:
-                target = F.avg_pool2d(target, self.out_stride, ceil_mode=True)
-            else:
-                weight = F.avg_pool2d(valid, self.out_stride, ceil_mode=True)
-                target = F.avg_pool2d(
-                    image01 * valid, self.out_stride,
-                    ceil_mode=True) / weight.clamp(min=1e-6)
+        target, weight = self.target(image01, valid)
         if target.shape[-2:] != logits.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:],
                                    mode='bilinear',
@@ -153,10 +177,8 @@ class ReconDecoder(BaseModule):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             if weight is None:
                 return F.binary_cross_entropy_with_logits(
-                    logits.float(), target.float().clamp(0, 1))
+                    logits.float(), target)
             bce = F.binary_cross_entropy_with_logits(
-                logits.float(), target.float().clamp(0, 1),
-                reduction='none')
-            weight = weight.float()
+                logits.float(), target, reduction='none')
             return (bce * weight).sum() / (
                 weight.sum() * bce.shape[1]).clamp(min=1e-6)
