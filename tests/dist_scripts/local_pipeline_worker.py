@@ -16,7 +16,8 @@ are gathered to rank 0 as a checkpoint would be:
   (``<tag>_sync_held.pt``), rank 0's logs, the skip count and the
   predictions of ``val_step`` (whole model gathered on every process);
 - ``'_async'``: K=3, the default stages (measured on the first batch),
-  async, no clipping, ITERS iterations;
+  async, no clipping, ITERS iterations, ``nan_guard='skip'`` with the
+  poisoned iteration (stage 0 drops it and tells the next stage);
 - with 4 processes (``'_dp'``): 2 stages x 2 replicas, sync, each replica's
   stage 0 trains on its half of the batch;
 - ``'_refuse'`` (2 processes): what the wrapper refuses (ValueError
@@ -171,13 +172,17 @@ def run_sync(out, tag, distributed):
 
 
 def run_async(out, tag, distributed):
-    model = build(3)
+    it_state = dict(it=0)
+    model = build(3, nan_guard='skip')
+    poison(model, it_state)
     net = wrap(model, schedule='async') if distributed else model
     ow = optim(net, clip=False)
     for it in range(ITERS):
+        it_state['it'] = it
         net.train_step(batch_for(it), ow)
     if distributed:
-        info = dict(stages=net.stages, held=held(model))
+        info = dict(stages=net.stages, held=held(model),
+                    skipped=model.num_skipped_iters)
         with net.full_checkpoint(ow):
             final = state_of(model) if dist.get_rank() == 0 else None
     else:
