@@ -9,7 +9,9 @@ API (``model_wrapper_cfg``; started by ``tools/dist_train.sh`` /
         schedule='sync',    # or 'async'
         num_replicas=1,     # data-parallel replicas of every stage
         max_in_flight=2,    # batches a stage may run ahead of the next one
-        timeout_s=300)      # a silent or failed process stops every process
+        timeout_s=300,      # a silent or failed process stops every process
+        module_costs=None)  # optional per-module memory for the default
+                            # grouping (else measured on the first batch)
 
 ``train_step`` / ``val_step`` / ``test_step`` as any mmengine model wrapper;
 ``.module`` is the :class:`~mmlocal.models.local.LocalLearner`. The Runner
@@ -62,6 +64,11 @@ all parameters: the meta ones never get a gradient, so they have no state
 and the state dict keeps single-process indices. Validation and test gather
 the whole model on every process (a process then holds all parameters, no
 gradients or optimizer state) and run it like one process.
+
+Default stages: at the first training step stage 0 of replica 0 measures
+every module on its batch (nothing updated) and every process takes the
+grouping minimising the largest ``max(activation peak) + sum(kept bytes)``
+of a stage (:func:`balanced_stages_by_peak`).
 
 Faults: a process that raises writes its rank and error to the job's
 ``torch.distributed`` store; the others poll it while they wait and stop
