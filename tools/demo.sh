@@ -48,11 +48,16 @@ if [ -n "$SHAPE" ]; then
     "$PY" tools/analysis/benchmark_memory.py "$CONFIG" --modes e2e local \
         --input-shape $SHAPE --iters 1 --json "$WORK_DIR/memory.json"
     rm -f "$WORK_DIR/memory_800x1333.json"
-    RATIO="$("$PY" -c "import json; m = json.load(open('$WORK_DIR/memory.json'))['modes']; print(m['local']['peak_bytes'] / m['e2e']['peak_bytes'])")"
-    if "$PY" -c "import sys; sys.exit(float('$RATIO') < 1.0)"; then
-        # no saving at demo scale: measure the same config at a realistic
-        # detection input, where the activations an early cut frees
-        # outweigh the aux net
+    # exit status 0 (true) when local learning saves nothing here
+    if "$PY" - "$WORK_DIR/memory.json" <<'PYEOF'
+import json, sys
+m = json.load(open(sys.argv[1]))['modes']
+sys.exit(m['local']['peak_bytes'] < m['e2e']['peak_bytes'])
+PYEOF
+    then
+        # no saving at this size: measure the same config at a realistic
+        # detection input too (activations grow with the pixels, parameter
+        # gradients do not)
         echo
         echo "[demo] no saving at ${SHAPE// /x}: the same config at 2x3x800x1333"
         "$PY" tools/analysis/benchmark_memory.py "$CONFIG" --modes e2e local \
@@ -82,8 +87,11 @@ print(f'  training-step peak memory: local {local / 2**20:.1f} MiB'
 big = f'{work}/memory_800x1333.json'
 if r >= 1.0 and os.path.isfile(big):
     local, e2e, r = ratio(big)
-    print(f'  no saving at this tiny input (the aux net outweighs the freed '
-          f'activations); at 2x3x800x1333: local {local / 2**20:.1f} MiB vs '
-          f'end-to-end {e2e / 2**20:.1f} MiB ({r:.2f}x)')
+    hint = '' if r < 1.0 else (
+        ': its largest module with its aux net holds at least as much as the '
+        'whole network; cut earlier (tools/analysis/plan_split.py)')
+    print(f'  no saving at {shape}; at 2x3x800x1333: local '
+          f'{local / 2**20:.1f} MiB vs end-to-end {e2e / 2**20:.1f} MiB '
+          f'({r:.2f}x){hint}')
 PYEOF
 fi
