@@ -255,12 +255,13 @@ def test_overlap_option_is_checked():
                                      monitor_timeout=0)
 
 
-@pytest.mark.parametrize('mode', ['die', 'hang'])
+@pytest.mark.parametrize('mode', ['die', 'raise', 'hang'])
 def test_a_failed_process_stops_the_other_in_bounded_time(tmp_path, mode):
     """Two processes started by hand (no torchrun, which would stop rank 0
-    itself), process group timeout 5 s: rank 1 exits, or hangs, after
-    module 0 of iteration 1; rank 0 stops with the wrapper's error (a hang:
-    naming rank 1 via dist.monitored_barrier) within a bounded time."""
+    itself), process group timeout 5 s: rank 1 exits silently, raises or
+    hangs after module 0 of iteration 1; rank 0 stops with the wrapper's
+    PeerFailureError within a bounded time, naming rank 1 when it raised
+    (its report in the store) or hangs (dist.monitored_barrier)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_ADDR='127.0.0.1',
                MASTER_PORT=str(_free_port()), WORLD_SIZE='2')
     procs = [subprocess.Popen(
@@ -281,7 +282,12 @@ def test_a_failed_process_stops_the_other_in_bounded_time(tmp_path, mode):
     elapsed, message = report.read_text().split('\n', 1)
     assert 'LocalDistributedDataParallel, rank 0: a gradient all-reduce ' \
         'failed' in message, message
-    if mode == 'hang':
+    assert 'PeerFailureError' in out, out[-3000:]
+    if mode == 'raise':
+        assert 'another process failed: rank 1 failed with ValueError: ' \
+            'boom in rank 1' in message, message
+        assert float(elapsed) < 20, elapsed
+    elif mode == 'hang':
         # 5 s process group timeout, then 3 s for the monitored barrier
         assert 'Ranks 1 failed to pass monitoredBarrier' in message, message
         assert float(elapsed) < 5 + 3 + 20, elapsed

@@ -43,10 +43,11 @@ path:
   iteration) and ``<tag><suffix>_phases.pt`` (the wrapper's learned
   ``grad_reduce_phases``) for the overlapped runs.
 
-``python local_ddp_worker.py fault <die|hang> OUT`` (two processes started
-by hand with RANK/WORLD_SIZE/MASTER_*: no torchrun, which would stop rank 0
-itself): rank 1 exits, or hangs, in iteration 1 after module 0; rank 0
-reports the wrapper's error in ``OUT/fault_rank0.txt``.
+``python local_ddp_worker.py fault <die|raise|hang> OUT`` (two processes
+started by hand with RANK/WORLD_SIZE/MASTER_*: no torchrun, which would stop
+rank 0 itself): rank 1 exits silently, raises a ValueError, or hangs, in
+iteration 1 after module 0; rank 0 reports the wrapper's error in
+``OUT/fault_rank0.txt``.
 """
 import os
 import sys
@@ -287,8 +288,9 @@ def main(out_dir):
 
 
 def fault(mode, out_dir):
-    """Rank 1 exits (``die``) or hangs (``hang``) in iteration 1 right after
-    module 0, while rank 0 waits for the gradient all-reduce."""
+    """Rank 1 exits (``die``), raises (``raise``) or hangs (``hang``) in
+    iteration 1 right after module 0, while rank 0 waits for the gradient
+    all-reduce."""
     import datetime
     import time
     dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=5))
@@ -302,6 +304,8 @@ def fault(mode, out_dir):
         if rank == 1 and it == 1 and name == 'module0':
             if mode == 'die':
                 os._exit(3)
+            if mode == 'raise':
+                raise ValueError('boom in rank 1')
             time.sleep(120)
 
     learner.phase_callback = stop

@@ -1,4 +1,5 @@
 import functools
+import itertools
 import re
 import warnings
 from contextlib import contextmanager
@@ -13,6 +14,23 @@ from mmlocal.registry import MODEL_WRAPPERS
 
 # the marks LocalLearner gives its phase_callback after module k's backward
 _PHASE = re.compile(r'module(\d+)')
+
+
+_instances = itertools.count()  # the same sequence on every rank
+
+
+class PeerFailureError(RuntimeError):
+    """A collective of :class:`LocalDistributedDataParallel` failed
+    because another process raised, died or hangs.
+
+    Attributes:
+        rank (int | None): The rank that reported its own failure through
+            the job's ``torch.distributed`` store, if one did.
+    """
+
+    def __init__(self, message, rank=None):
+        super().__init__(message)
+        self.rank = rank
 
 
 def _distributed():
@@ -113,15 +131,18 @@ class LocalDistributedDataParallel(nn.Module):
     with ``mmlocal.MomentumAuxHook`` (both read ``self.module``, whose
     parameters are identical on every rank after each step).
 
-    Faults: a collective of this wrapper that fails (a process died: gloo
-    reports a closed connection at once) or times out (a process hangs or
-    raised before the collective; after the process group's timeout,
-    ``env_cfg.dist_cfg.timeout`` in seconds, 1800 by default) is re-raised
-    as a ``RuntimeError``; rank 0's names the ranks that do not answer a
-    ``dist.monitored_barrier`` on a gloo group of its own within
-    ``monitor_timeout`` seconds (a hanging process). A process that died
-    closes its connections: the error says so at once, and the launcher
-    names its rank (torchrun also stops the others).
+    Faults: a collective of this wrapper that fails (a process exited:
+    gloo reports a closed connection at once) or times out (a process
+    hangs; after the process group's timeout, ``env_cfg.dist_cfg.timeout``
+    in seconds, 1800 by default) is re-raised as a
+    :class:`PeerFailureError` (a ``RuntimeError``). A process whose
+    ``train_step`` raised left its rank and error in the job's
+    ``torch.distributed`` store: the others name it. Otherwise rank 0's
+    error names the ranks that do not answer a ``dist.monitored_barrier``
+    on a gloo group of its own within ``monitor_timeout`` seconds (a
+    hanging process); a process killed without a word is reported as
+    exited (the launcher names its rank; torchrun also stops the
+    others).
 
     The wrapped model is ``self.module``; checkpoints hold its plain keys.
 
@@ -168,6 +189,7 @@ class LocalDistributedDataParallel(nn.Module):
         # overlapped reduction state (see _OverlapState)
         self._overlap = None
         self._monitor_group = None
+        self._store = None
         if not _distributed():
             warnings.warn('LocalDistributedDataParallel without an '
                           'initialised process group: single-process '
@@ -184,6 +206,14 @@ class LocalDistributedDataParallel(nn.Module):
         # failure or a timeout. Every rank builds the wrapper, so the group
         # is created collectively here.
         self._monitor_group = dist.new_group(backend='gloo')
+        # a process that raises leaves its rank and error here
+        self._store_key = f'mmlocal_ddp/{next(_instances)}/failed'
+        try:
+            from torch.distributed.distributed_c10d import \
+                _get_default_store
+            self._store = _get_default_store()
+        except Exception:  # pragma: no cover - no store: barrier only
+            self._store = None
         if overlap_grad_reduce and self.world_size > 1:
             self._overlap = _OverlapState(self)
 
@@ -249,6 +279,13 @@ class LocalDistributedDataParallel(nn.Module):
             yield
         except RuntimeError as exc:
             rank = dist.get_rank()
+            reported = self._reported_failure()
+            if reported is not None:
+                raise PeerFailureError(
+                    f'LocalDistributedDataParallel, rank {rank}: {what} '
+                    f'failed because another process failed: {reported} '
+                    f'({type(exc).__name__}: {exc})',
+                    int(reported.split()[1])) from exc
             try:
                 dist.monitored_barrier(
                     group=self._monitor_group, wait_all_ranks=True,
@@ -268,12 +305,35 @@ class LocalDistributedDataParallel(nn.Module):
                     who = f'Monitored barrier: {probe}'
                 if rank != 0:
                     who += ' (rank 0 names the ranks that do not answer)'
-            raise RuntimeError(
+            raise PeerFailureError(
                 f'LocalDistributedDataParallel, rank {rank}: {what} failed '
                 f'({type(exc).__name__}: {exc}). {who}. Another process '
                 'probably died, raised or hangs: its own log has the cause '
                 '(the wait is bounded by the process group timeout, '
                 'env_cfg.dist_cfg.timeout in seconds)') from exc
+
+    def _report_failure(self, exc):
+        """Leave this rank's error in the store for the others."""
+        if self._store is None:
+            return
+        try:
+            if not self._store.check([self._store_key]):
+                self._store.set(
+                    self._store_key,
+                    f'rank {dist.get_rank()} failed with '
+                    f'{type(exc).__name__}: {str(exc)[:500]}')
+        except Exception:  # the store's host (rank 0) is gone
+            pass
+
+    def _reported_failure(self):
+        if self._store is None:
+            return None
+        try:
+            if self._store.check([self._store_key]):
+                return self._store.get(self._store_key).decode()
+        except Exception:
+            pass
+        return None
 
     @contextmanager
     def _average_before_step(self, optim_wrapper):
@@ -303,12 +363,18 @@ class LocalDistributedDataParallel(nn.Module):
 
     # -- mmengine model-wrapper API ------------------------------------------
     def train_step(self, data, optim_wrapper):
-        if self._overlap is None:
-            with self._average_before_step(optim_wrapper):
+        try:
+            if self._overlap is None:
+                with self._average_before_step(optim_wrapper):
+                    return self.module.train_step(data, optim_wrapper)
+            with self._overlap.iteration(optim_wrapper), \
+                    self._average_before_step(optim_wrapper):
                 return self.module.train_step(data, optim_wrapper)
-        with self._overlap.iteration(optim_wrapper), \
-                self._average_before_step(optim_wrapper):
-            return self.module.train_step(data, optim_wrapper)
+        except (FloatingPointError, PeerFailureError):
+            raise  # the NaN guard stops every rank; a victim
+        except Exception as exc:
+            self._report_failure(exc)
+            raise
 
     def val_step(self, data):
         return self.module.val_step(data)
