@@ -54,6 +54,7 @@ def test_rows_run_print_and_plot(tiny_cfg, tmp_path):
     assert list(report['rows']) == rows
     single, dp = report['rows']['single'], report['rows']['dp_local_overlap']
     assert single['procs'] == 1 and dp['procs'] == 2
+    assert single['threads'] == dp['threads'] == 2  # same total threads
     # data parallel: two processes, each its own image per iteration
     assert single['images'] == 1 and dp['images'] == 2
     for r in (single, dp):
@@ -96,3 +97,5 @@ def test_bad_options_name_the_option(tiny_cfg):
         bp.run(tiny_cfg, rows=('dp', ))
     with pytest.raises(ValueError, match='iters=0'):
         bp.run(tiny_cfg, iters=0)
+    with pytest.raises(ValueError, match='single_threads=0'):
+        bp.run(tiny_cfg, single_threads=0)

@@ -3,7 +3,8 @@ peak memory of every way mmlocal trains on several devices, in one run.
 
 Rows (every row runs in fresh processes started by this tool; on the CPU
 with gloo, the single-process row gets P threads, every P-process row one
-thread per process: the same total threads):
+thread per process: the same total threads; ``--single-threads`` changes
+the single row's):
 
 - ``single``: ``LocalLearner`` in one process (the baseline);
 - ``pipe_sync`` / ``pipe_async``: ``mmlocal.LocalPipelineParallel``
@@ -206,10 +207,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_row(row, spec, procs, timeout=1800):
+def run_row(row, spec, procs, timeout=1800, single_threads=None):
     """Start the row's processes, wait, combine their results."""
     world = 1 if row == 'single' else procs
-    spec = dict(spec, row=row, threads=procs if row == 'single' else 1)
+    threads = (single_threads or procs) if row == 'single' else 1
+    spec = dict(spec, row=row, threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = osp.join(tmp, 'spec.json')
         with open(spec_file, 'w') as f:
@@ -253,7 +255,8 @@ def run_row(row, spec, procs, timeout=1800):
     time_s = max(r['time_s'] for r in ranks)
     images = ranks[0]['images']
     worst = max(ranks, key=lambda r: r['static_bytes'] + r['peak_bytes'])
-    return dict(available=True, procs=world, images=images, time_s=time_s,
+    return dict(available=True, procs=world, threads=threads * world,
+                images=images, time_s=time_s,
                 images_per_s=images / time_s,
                 peak_bytes=worst['peak_bytes'],
                 static_bytes=worst['static_bytes'],
@@ -262,7 +265,8 @@ def run_row(row, spec, procs, timeout=1800):
 
 
 def run(config, rows=ROWS, procs=2, input_shape=None, iters=10, warmup=2,
-        seed=0, cfg_options=None, timeout=1800, verbose=True):
+        seed=0, cfg_options=None, timeout=1800, single_threads=None,
+        verbose=True):
     """Measure ``rows``; returns the report (see :func:`format_table`)."""
     bad = [r for r in rows if r not in ROWS]
     if bad:
@@ -273,6 +277,11 @@ def run(config, rows=ROWS, procs=2, input_shape=None, iters=10, warmup=2,
     if iters < 1 or warmup < 0:
         raise ValueError(f'need iters >= 1 and warmup >= 0, got '
                          f'iters={iters} warmup={warmup}')
+    if single_threads is not None and (
+            isinstance(single_threads, bool)
+            or not isinstance(single_threads, int) or single_threads < 1):
+        raise ValueError(f'single_threads={single_threads!r} must be an '
+                         'int >= 1')
     cfg = bm.load_config(config, cfg_options)
     if not bm.is_local_learner(cfg.model):
         raise ValueError(f'{config}: cfg.model is not a LocalLearner')
@@ -291,7 +300,8 @@ def run(config, rows=ROWS, procs=2, input_shape=None, iters=10, warmup=2,
         else:
             if verbose:
                 print(f'[{row}] {ROW_TITLES[row]} ...', flush=True)
-            result = run_row(row, spec, procs, timeout=timeout)
+            result = run_row(row, spec, procs, timeout=timeout,
+                             single_threads=single_threads)
         report['rows'][row] = result
         if verbose and not result['available']:
             print(f'[{row}] {result["reason"]}', flush=True)
@@ -310,7 +320,7 @@ def format_table(report):
     lines = [
         f"{report['config']}  input {shape} per process, "
         f"{report['procs']} processes, {report['iters']} timed iterations",
-        f"{'row':<18}{'procs':>6}{'images/s':>10}{'x single':>10}"
+        f"{'row':<18}{'procs':>6}{'thr':>4}{'images/s':>10}{'x single':>10}"
         f"{'static':>11}{'peak':>11}{'static+peak':>13}{'x single':>10}"]
     for row, r in report['rows'].items():
         if not r.get('available'):
@@ -320,7 +330,8 @@ def format_table(report):
         speed = f"{r['speedup']:.2f}" if 'speedup' in r else '-'
         mem = f"{r['mem_ratio']:.2f}" if 'mem_ratio' in r else '-'
         lines.append(
-            f"{row:<18}{r['procs']:>6}{r['images_per_s']:>10.2f}"
+            f"{row:<18}{r['procs']:>6}{r['threads']:>4}"
+            f"{r['images_per_s']:>10.2f}"
             f"{speed:>10}{format_bytes(r['static_bytes']):>11}"
             f"{format_bytes(r['peak_bytes']):>11}"
             f"{format_bytes(r['total_bytes']):>13}{mem:>10}")
@@ -391,6 +402,10 @@ def parse_args(argv=None):
                         help='timed iterations')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument(
+        '--single-threads', type=int, default=None,
+        help='threads of the single-process row (default: --procs, the '
+        'total of the other rows)')
     parser.add_argument('--timeout', type=int, default=1800,
                         help='seconds per row (and process group timeout)')
     parser.add_argument('--json', help='write the results as JSON here')
@@ -420,7 +435,8 @@ def main(argv=None):
     report = run(args.config, rows=args.rows, procs=args.procs,
                  input_shape=args.input_shape, iters=args.iters,
                  warmup=args.warmup, seed=args.seed,
-                 cfg_options=args.cfg_options, timeout=args.timeout)
+                 cfg_options=args.cfg_options, timeout=args.timeout,
+                 single_threads=args.single_threads)
     print(format_table(report))
     if args.json:
         bm.save_json(report, args.json)
