@@ -161,7 +161,7 @@ def light_spec(block, block_name):
 
 
 # ------------------------------------------------------------- forwards
-def light_forward(spec, block, tensors, x):
+def light_forward(spec, block, tensors, x, folds=None):
     """The light operator of ``block`` on ``x``.
 
     Args:
@@ -171,9 +171,15 @@ def light_forward(spec, block, tensors, x):
         tensors (dict): ``(layer path, name) -> tensor`` for every parameter
             the light layer uses (synthesised or kept own).
         x (Tensor): ``h_{k-1}``.
+        folds (dict, optional): From
+            :class:`~mmlocal.models.repl.batched.BatchedSynthesis`: per conv
+            path the folded weight and shift, computed for all replaced
+            blocks at once (then ``tensors`` is not read).
     """
     if spec.kind == 'vit':
         return _vit_forward(block, tensors, x)
+    if folds is not None:
+        return _batched_forward(spec, block, folds, x)
 
     def get(path, name):
         return tensors.get((path, name))
@@ -193,6 +199,29 @@ def light_forward(spec, block, tensors, x):
                             get('conv2', 'weight'), get('conv2', 'bias'),
                             get(block.norm2_name, 'weight'),
                             get(block.norm2_name, 'bias'), block.training)
+    return out.add_(x).relu_()
+
+
+def _batched_forward(spec, block, folds, x):
+    """The light ResNet operator with weights folded by the batched
+    synthesis; each conv updates its norm's statistics in its output space
+    (one kernel) and the engine maps them back after the pass."""
+
+    def conv_bn(h, path, norm):
+        weight, shift, aux_mean, aux_var, index, cache = folds[path]
+        y = _conv(h, getattr(block, path), weight, shift)
+        if norm.training and norm.track_running_stats:
+            with torch.no_grad():
+                torch.batch_norm_update_stats(y.detach(), aux_mean, aux_var,
+                                              norm.momentum)
+            cache.engine.mark_ran(cache, index)
+        return y
+
+    if spec.kind == 'bottleneck':
+        out = conv_bn(x, 'conv1', block.norm1).relu_()
+        out = conv_bn(out, 'conv3', block.norm3)
+    else:
+        out = conv_bn(x, 'conv2', block.norm2)
     return out.add_(x).relu_()
 
 

@@ -1,7 +1,9 @@
 import copy
+import logging
 import operator
 from collections import OrderedDict
 
+import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
@@ -10,10 +12,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmlocal.models.local.split import (BLOCK_SEQUENCE_ADAPTERS,
                                         build_block_sequence)
 from mmlocal.registry import MODELS
+from mmlocal.utils.compile import check_compile_option
+from .batched import BatchedSynthesis
 from .conv_block import conv_supported_types, conv_units
 from .light import LAYER_MODES, light_spec, statistics_reset
-from .synthesis import (FUSION_RULES, OWN, UNUSED, BlockReplacement,
-                        choose_rules, match_sources, transform_class)
+from .synthesis import (FUSION_RULES, OWN, RULE_SOURCES, UNUSED,
+                        BlockReplacement, choose_rules, match_sources,
+                        transform_class)
 from .vit_block import vit_types, vit_units
 
 
@@ -69,8 +74,14 @@ class RepLBackbone(BaseModule):
       ``conv1`` of block 1, whose predecessor reads the previous stage's
       channels) is synthesised from that neighbour alone, ``T(W, W)``; a
       tensor no neighbour provides stays the block's own trainable
-      parameter. ``fusion=None`` accepts only blocks whose every tensor has
-      both neighbours (interval plans skip the others).
+      parameter. ``fusion='project'``: the last block of a stage takes the
+      next stage's first block as its successor and the ``conv1`` of block
+      1 uses block 0's; their tensors, of other channel counts, are mapped
+      to the block's shapes by a learnable channel projection
+      (:class:`~mmlocal.models.repl.transforms.RepLProjection`) before the
+      transformation; only the backbone's last block is mirrored.
+      ``fusion=None`` accepts only blocks whose every tensor has both
+      same-shaped neighbours (interval plans skip the others).
     - **State.** Replaced parameters are removed from the model (not
       trained, not saved); the block's BN running statistics stay its own
       buffers and are tracked in training even under the backbone's
@@ -96,7 +107,8 @@ class RepLBackbone(BaseModule):
         transform (dict): Transform config. Default
             ``dict(type='mmlocal.RepLScalarMix')`` (v1). An unscoped type is
             looked up in mmlocal.
-        fusion (str | None): ``'mirror'`` (default) or None, see above.
+        fusion (str | None): ``'mirror'`` (default), ``'project'`` or
+            None, see above.
         layer (str): ``'light'`` (default) or ``'full'``, see above.
             ``'light'`` supports mmdet/mmseg ``BasicBlock``/``Bottleneck``
             (plain convs, BatchNorm, no plugins/DCN) and mmseg
@@ -105,6 +117,17 @@ class RepLBackbone(BaseModule):
         replaced_norm_eval (bool): Keep the replaced blocks' BN layers in
             eval mode when the backbone's ``norm_eval`` puts them there.
             Default False (they track their own statistics).
+        synthesis (str): ``'batched'`` (default): with ``layer='light'``
+            all replaced blocks are synthesised (and their norms folded)
+            together in a few large ops per forward pass
+            (:mod:`mmlocal.models.repl.batched`; far fewer kernel launches,
+            same results); ``'per_block'``: each block on its own, before
+            its forward. ``layer='full'`` always synthesises per block.
+        compile_synthesis (bool | dict | None): Run the batched synthesis's
+            tensor computation under ``torch.compile``
+            (:mod:`mmlocal.utils.compile`: True for its defaults, CUDA graphs
+            on CUDA; a dict of ``torch.compile`` arguments, e.g.
+            ``dict(backend='aot_eager')``). Default False.
         pretrained (str, optional): Passed on to the inner backbone config
             (mmseg's ``EncoderDecoder`` sets ``backbone.pretrained``).
         init_cfg (dict, optional): Of this wrapper (the inner backbone keeps
@@ -119,6 +142,8 @@ class RepLBackbone(BaseModule):
                  fusion='mirror',
                  layer='light',
                  replaced_norm_eval=False,
+                 synthesis='batched',
+                 compile_synthesis=False,
                  pretrained=None,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
@@ -158,10 +183,33 @@ class RepLBackbone(BaseModule):
                 }) for (unit, prev_unit, next_unit, _, _), rep in zip(
                     chosen, self.replacements.values())
         ]
+        if synthesis not in SYNTHESIS_MODES:
+            raise ValueError(f'synthesis={synthesis!r} must be one of '
+                             f'{SYNTHESIS_MODES} for RepLBackbone({name})')
+        compile_synthesis = check_compile_option(compile_synthesis,
+                                                 'compile_synthesis')
+        if compile_synthesis is not None and synthesis != 'batched':
+            raise ValueError(
+                'compile_synthesis needs synthesis=\'batched\' (got '
+                f'synthesis={synthesis!r}) for RepLBackbone({name})')
+        self.synthesis = synthesis
+        self.engine = None
+        if synthesis == 'batched':
+            engine = BatchedSynthesis(
+                list(self.replacements.values()), compile=compile_synthesis)
+            if engine.reason is None:
+                self.engine = engine
+                for rep in self.replacements.values():
+                    rep._engine[0] = engine
+            elif compile_synthesis is not None:
+                raise ValueError(
+                    'compile_synthesis: the batched synthesis does not '
+                    f'apply to this RepLBackbone({name}): {engine.reason}')
         # what LocalLearner / necks read from a backbone
         if hasattr(self.backbone, 'out_indices'):
             self.out_indices = self.backbone.out_indices
         self.register_load_state_dict_pre_hook(self._accept_stock_keys)
+        self.register_state_dict_pre_hook(_flush_statistics)
 
     # ------------------------------------------------------------------
     @property
@@ -200,6 +248,8 @@ class RepLBackbone(BaseModule):
         return self
 
     def init_weights(self):
+        if self.engine is not None:
+            self.engine.reset()
         super().init_weights()
         for rep in self.replacements.values():
             for m in rep.block.modules():
@@ -213,6 +263,43 @@ class RepLBackbone(BaseModule):
             'weights of these blocks are not used, their BN statistics were '
             'reset)',
             logger='current')
+        zero = self.zero_synthesized_norms()
+        if zero:
+            print_log(
+                f'RepLBackbone: the synthesised norm weights {zero} are zero '
+                '(their sources are zero, e.g. mmdet ResNet\'s '
+                'zero_init_residual=True without pretrained weights): the '
+                'residual branch of these blocks is constant and every '
+                'transform of the block gets a zero gradient until the '
+                "neighbours' norm weights have moved (from the second "
+                'step); zero_init_residual=False in the inner backbone '
+                'avoids it',
+                logger='current',
+                level=logging.WARNING)
+
+    def zero_synthesized_norms(self):
+        """``'<block>.<norm>.weight'`` of every synthesised norm weight whose
+        sources are all zero (then the synthesised weight is zero for every
+        transform: each is linear in its sources). With mmdet's
+        ``zero_init_residual=True`` and random init this is the last norm
+        of every replaced ResNet block, and the gradient of the block's
+        transforms (and of its other synthesised tensors) is exactly zero
+        until the neighbours' norm weights change."""
+        found = []
+        for rep in self.replacements.values():
+            for path, name in rep.synthesized:
+                if name != 'weight' or not isinstance(
+                        rep.block.get_submodule(path), _BatchNorm):
+                    continue
+                with torch.no_grad():
+                    sources = [
+                        rep._source(side, how, path, name) for side, how in
+                        enumerate(RULE_SOURCES[rep.rules[(path, name)]])
+                    ]
+                sources = [t for t in sources if t is not None]
+                if sources and all(not t.any() for t in sources):
+                    found.append(f'{rep.block_name}.{path}.{name}')
+        return found
 
     # ------------------------------------------------------------------
     def _synthesized_keys(self):
@@ -228,6 +315,8 @@ class RepLBackbone(BaseModule):
                            strict, missing_keys, unexpected_keys, error_msgs):
         """Load a stock-keyed backbone state dict: ``<prefix>layer1...`` ->
         ``<prefix>backbone.layer1...``; replaced blocks' weights dropped."""
+        if self.engine is not None:
+            self.engine.reset()
         own = prefix + 'backbone.'
         mine = prefix + 'replacements.'
         inner_keys = set(self.backbone.state_dict(keep_vars=True))
@@ -286,10 +375,20 @@ class RepLBackbone(BaseModule):
 
     def extra_repr(self):
         return (f'interval={self.interval}, fusion={self.fusion!r}, '
-                f'layer={self.layer!r}, replaced={self.replaced_blocks}')
+                f'layer={self.layer!r}, synthesis={self.synthesis!r}, '
+                f'replaced={self.replaced_blocks}')
 
 
 # ---------------------------------------------------------------- helpers
+SYNTHESIS_MODES = ('batched', 'per_block')
+
+
+def _flush_statistics(module, prefix, keep_vars):
+    """State dicts carry the statistics of the last forward pass."""
+    if module.engine is not None:
+        module.engine.flush()
+
+
 def _build_backbone(backbone, pretrained):
     if isinstance(backbone, nn.Module):
         if pretrained is not None:
@@ -327,10 +426,18 @@ def _units(backbone):
     return units
 
 
-def _neighbours(units, unit):
+def _neighbours(units, unit, fusion=None):
+    """Blocks ``k-1`` and ``k+1`` of ``unit`` inside its stage; with
+    ``fusion='project'`` the successor of a stage's last block is the next
+    stage's first block (its tensors are projected to the block's shapes),
+    and only the backbone's last block has none."""
     prev_unit = units[unit.index - 1] if unit.position > 0 else None
-    next_unit = units[unit.index + 1] \
-        if unit.position + 1 < unit.stage_size else None
+    if unit.position + 1 < unit.stage_size:
+        next_unit = units[unit.index + 1]
+    elif fusion == 'project' and unit.index + 1 < len(units):
+        next_unit = units[unit.index + 1]
+    else:
+        next_unit = None
     return prev_unit, next_unit
 
 
@@ -344,12 +451,13 @@ def _as_index(value, option, name):
             f'{option}={value!r} must be an int for {name}') from None
 
 
-def _matches(unit, prev_unit, next_unit, layer):
+def _matches(unit, prev_unit, next_unit, layer, fusion=None):
     """``(matches, light spec)`` of a unit: with ``layer='light'`` only the
     layers its light operator uses need neighbours."""
     light = light_spec(unit.module, unit.name) if layer == 'light' else None
     matches = match_sources(unit.module, prev_unit and prev_unit.module,
-                            next_unit and next_unit.module)
+                            next_unit and next_unit.module,
+                            project=fusion == 'project')
     if light is not None:
         matches = [m for m in matches if light.uses(m[0])]
     return matches, light
@@ -373,8 +481,9 @@ def _select(units, interval, blocks, fusion, name, layer='full'):
         for unit in units:
             if (unit.position + 1) % interval or unit.refusal or unit.frozen:
                 continue
-            prev_unit, next_unit = _neighbours(units, unit)
-            matches, light = _matches(unit, prev_unit, next_unit, layer)
+            prev_unit, next_unit = _neighbours(units, unit, fusion)
+            matches, light = _matches(unit, prev_unit, next_unit, layer,
+                                      fusion)
             try:
                 rules = choose_rules(unit.name, matches, fusion, 'interval')
             except ValueError:
@@ -410,7 +519,7 @@ def _select(units, interval, blocks, fusion, name, layer='full'):
             raise ValueError(
                 f'blocks={indices}: block {i} ({unit.name}) of {name} is '
                 'frozen (frozen_stages); RepL replaces trainable blocks')
-        prev_unit, next_unit = _neighbours(units, unit)
+        prev_unit, next_unit = _neighbours(units, unit, fusion)
         for other in (prev_unit, next_unit):
             if other is not None and other.index in selected:
                 raise ValueError(
@@ -418,7 +527,7 @@ def _select(units, interval, blocks, fusion, name, layer='full'):
                     f'{max(i, other.index)} of {name} are neighbours; a '
                     'replaced block is synthesised from its neighbours, '
                     'which must be kept')
-        matches, light = _matches(unit, prev_unit, next_unit, layer)
+        matches, light = _matches(unit, prev_unit, next_unit, layer, fusion)
         rules = choose_rules(unit.name, matches, fusion, 'blocks')
         chosen.append((unit, prev_unit, next_unit, rules, light))
     return chosen

@@ -30,12 +30,33 @@ from mmlocal.registry import MODELS
 
 #: How a tensor of a replaced block is obtained.
 BOTH = 'both'  # T(W_{k-1}, W_{k+1})
-MIRROR_PREV = 'prev'  # T(W_{k-1}, W_{k-1}): no shape-compatible successor
-MIRROR_NEXT = 'next'  # T(W_{k+1}, W_{k+1}): no shape-compatible predecessor
+MIRROR_PREV = 'prev'  # T(W_{k-1}, W_{k-1}): no usable successor
+MIRROR_NEXT = 'next'  # T(W_{k+1}, W_{k+1}): no usable predecessor
 OWN = 'own'  # no compatible neighbour: stays a trainable parameter
 UNUSED = 'unused'  # layer='light' skips the layer: removed, folds neutral
+# fusion='project': a neighbour tensor of another channel count is first
+# projected to the block's shape, P(W) (:class:`RepLProjection`)
+PREV_PROJ_NEXT = 'prev+proj(next)'  # T(W_{k-1}, P(W_{k+1}))
+PROJ_PREV_NEXT = 'proj(prev)+next'  # T(P(W_{k-1}), W_{k+1})
+PROJ_BOTH = 'proj(prev)+proj(next)'  # T(P(W_{k-1}), P(W_{k+1}))
+MIRROR_PROJ_PREV = 'proj(prev)'  # T(P(W_{k-1}), P(W_{k-1}))
+MIRROR_PROJ_NEXT = 'proj(next)'  # T(P(W_{k+1}), P(W_{k+1}))
 
-FUSION_RULES = (None, 'mirror')
+SAME, PROJ = 'same', 'proj'
+#: rule -> (how k-1 is used, how k+1 is used); None: not used (mirrored)
+RULE_SOURCES = {
+    BOTH: (SAME, SAME),
+    MIRROR_PREV: (SAME, None),
+    MIRROR_NEXT: (None, SAME),
+    PREV_PROJ_NEXT: (SAME, PROJ),
+    PROJ_PREV_NEXT: (PROJ, SAME),
+    PROJ_BOTH: (PROJ, PROJ),
+    MIRROR_PROJ_PREV: (PROJ, None),
+    MIRROR_PROJ_NEXT: (None, PROJ),
+}
+_RULE_OF = {v: k for k, v in RULE_SOURCES.items()}
+
+FUSION_RULES = (None, 'mirror', 'project')
 
 
 @dataclass
@@ -89,23 +110,47 @@ def _tensor_of(block, path, name):
     return module._parameters.get(name)
 
 
-def match_sources(block, prev_block, next_block):
-    """For each parameter of ``block``: which neighbours hold a parameter
-    with the same path and shape.
+def projectable(src_shape, dst_shape):
+    """Whether :class:`RepLProjection` maps a tensor of ``src_shape`` to
+    ``dst_shape``: same rank, the channel dims (0 and, for matrices and
+    kernels, 1) equal or in an integer ratio, every other dim (kernel
+    size) equal."""
+    if len(src_shape) != len(dst_shape) or tuple(src_shape) == tuple(
+            dst_shape):
+        return False
+    for d, (s, t) in enumerate(zip(src_shape, dst_shape)):
+        if s == t:
+            continue
+        if d > 1 or s < 1 or t < 1 or max(s, t) % min(s, t):
+            return False
+    return True
+
+
+def match_sources(block, prev_block, next_block, project=False):
+    """For each parameter of ``block``: how each neighbour can provide it.
 
     Returns:
-        list[tuple[str, str, torch.Size, bool, bool]]: ``(layer path, param
-        name, shape, prev ok, next ok)``.
+        list[tuple[str, str, torch.Size, str | None, str | None]]:
+        ``(layer path, param name, shape, prev, next)`` where ``prev`` /
+        ``next`` is ``'same'`` (a parameter with the same path and shape),
+        ``'proj'`` (same path, channel counts in an integer ratio:
+        :func:`projectable`; only with ``project=True``) or None.
     """
     found = []
     for path, module, names in own_parameters(block):
         for name in names:
             shape = module._parameters[name].shape
-            ok = []
+            how = []
             for neighbour in (prev_block, next_block):
                 t = _tensor_of(neighbour, path, name)
-                ok.append(t is not None and t.shape == shape)
-            found.append((path, name, shape, ok[0], ok[1]))
+                if t is not None and t.shape == shape:
+                    how.append(SAME)
+                elif project and t is not None and projectable(
+                        t.shape, shape):
+                    how.append(PROJ)
+                else:
+                    how.append(None)
+            found.append((path, name, shape, how[0], how[1]))
     return found
 
 
@@ -115,10 +160,15 @@ def choose_rules(block_name, matches, fusion, option):
     Args:
         block_name (str): For messages.
         matches (list): From :func:`match_sources`.
-        fusion (str | None): ``None``: every tensor needs both neighbours;
-            ``'mirror'``: a tensor with one compatible neighbour uses it for
-            both slots, a tensor with none stays the block's own trainable
-            parameter.
+        fusion (str | None): ``None``: every tensor needs both neighbours
+            with the same shape; ``'mirror'``: a tensor with one same-shaped
+            neighbour uses it for both slots; ``'project'``: a neighbour
+            tensor whose channel counts differ (the next stage's first
+            block, block 0's ``conv1``) is projected to the block's shape
+            (:class:`RepLProjection`) and used like a same-shaped one; with
+            one usable neighbour only (the last block of the backbone) it is
+            mirrored. Under both, a tensor with no usable neighbour stays
+            the block's own trainable parameter.
         option (str): The plan option to name in errors (``'interval'`` or
             ``'blocks'``).
 
@@ -131,20 +181,24 @@ def choose_rules(block_name, matches, fusion, option):
     if fusion not in FUSION_RULES:
         raise ValueError(f'fusion={fusion!r} must be one of {FUSION_RULES}')
     rules = {}
-    for path, name, shape, prev_ok, next_ok in matches:
+    for path, name, shape, prev_how, next_how in matches:
         full = f'{path}.{name}' if path else name
-        if prev_ok and next_ok:
+        if fusion != 'project':
+            prev_how = prev_how if prev_how == SAME else None
+            next_how = next_how if next_how == SAME else None
+        if prev_how == SAME and next_how == SAME:
             rule = BOTH
         elif fusion is None:
-            missing = ' and '.join(n for n, ok in (('k-1', prev_ok),
-                                                   ('k+1', next_ok)) if not ok)
+            missing = ' and '.join(
+                n for n, how in (('k-1', prev_how), ('k+1', next_how))
+                if how != SAME)
             raise ValueError(
                 f'{option}: block {block_name} cannot be replaced with '
                 f'fusion=None: its tensor {full} {tuple(shape)} has no '
                 f'tensor of the same shape in neighbour {missing} (set '
-                "fusion='mirror' or choose another block)")
-        elif prev_ok or next_ok:
-            rule = MIRROR_PREV if prev_ok else MIRROR_NEXT
+                "fusion='mirror' or 'project', or choose another block)")
+        elif prev_how or next_how:
+            rule = _RULE_OF[(prev_how, next_how)]
         else:
             rule = OWN
         rules[(path, name)] = rule
@@ -205,6 +259,8 @@ class BlockReplacement(nn.Module):
         self._block = [block]
         self._neighbours = [prev_block, next_block]
         self.rules = dict(rules)
+        # the backbone's BatchedSynthesis, if any (set by RepLBackbone)
+        self._engine = [None]
         self.synthesized = []  # [(path, name)] in module order
         self.unused = {}  # (path, name) -> (shape, dtype, device)
         # stock parameter order of each layer, to write folded state dicts
@@ -224,6 +280,7 @@ class BlockReplacement(nn.Module):
                     layers.setdefault(path, []).append(
                         module._parameters[name].shape)
 
+        self._build_projections()
         self.transforms = nn.ModuleDict()
         self._transform_of = {}
         if transform_class(transform).per_block:
@@ -271,6 +328,46 @@ class BlockReplacement(nn.Module):
         parameters (synthesised, or unused by the light layer)."""
         return self.synthesized + list(self.unused)
 
+    def _build_projections(self):
+        """One :class:`~.transforms.RepLProjection` per (layer, side) whose
+        tensors the rules project (``fusion='project'``)."""
+        from .transforms import RepLProjection
+        self.projections = nn.ModuleDict()
+        self.shapes = {}
+        dims = {}
+        for path, name in self.synthesized:
+            shape = _module(self.block, path)._parameters[name].shape
+            self.shapes[(path, name)] = shape
+            for side, how in enumerate(RULE_SOURCES[self.rules[(path,
+                                                                name)]]):
+                if how != PROJ:
+                    continue
+                src = _tensor_of(self._neighbours[side], path, name).shape
+                key = _projection_key(path, side)
+                for d in range(min(2, len(shape))):
+                    if src[d] == shape[d]:
+                        continue
+                    have = dims.setdefault(key, {}).setdefault(
+                        d, (src[d], shape[d]))
+                    if have != (src[d], shape[d]):
+                        raise ValueError(
+                            f'{self.block_name}: tensors of layer {path!r} '
+                            f'need two projections of dim {d}')
+        for key, d in dims.items():
+            self.projections[key] = RepLProjection(d)
+
+    def _source(self, side, how, path, name):
+        """The tensor neighbour ``side`` (0: k-1, 1: k+1) provides for
+        ``(path, name)``: its own, projected, or None."""
+        if how is None:
+            return None
+        t = _tensor_of(self._neighbours[side], path, name)
+        if how == PROJ:
+            key = _projection_key(path, side)
+            if key in self.projections:
+                t = self.projections[key](t)
+        return t
+
     def _add_transform(self, key, cfg, channels):
         if key in self.transforms:
             raise ValueError(f'{self.block_name}: two layers map to the '
@@ -298,11 +395,9 @@ class BlockReplacement(nn.Module):
         """
         pairs, groups = {}, {}
         for path, name in self.synthesized:
-            rule = self.rules[(path, name)]
-            prev = _tensor_of(self.prev_block, path, name) \
-                if rule in (BOTH, MIRROR_PREV) else None
-            nxt = _tensor_of(self.next_block, path, name) \
-                if rule in (BOTH, MIRROR_NEXT) else None
+            prev_how, next_how = RULE_SOURCES[self.rules[(path, name)]]
+            prev = self._source(0, prev_how, path, name)
+            nxt = self._source(1, next_how, path, name)
             if prev is None:
                 prev = nxt
             if nxt is None:
@@ -346,6 +441,14 @@ class BlockReplacement(nn.Module):
 
     def _light_forward(self, x):
         from .light import light_forward
+        engine = self._engine[0]
+        if engine is not None and engine.usable(self):
+            tensors, folds = engine.entry(self)
+            try:
+                return light_forward(
+                    self.light, self.block, tensors, x, folds=folds)
+            finally:
+                engine.after_forward(self)
         return light_forward(self.light, self.block, self.light_tensors(), x)
 
     def _install(self, block, args):
@@ -401,6 +504,10 @@ class BlockReplacement(nn.Module):
         parts = ', '.join(f'{k}={v}' for k, v in sorted(counts.items()))
         layer = 'full' if self.light is None else f'light ({self.light.kind})'
         return f'block={self.block_name}, layer={layer}, tensors: {parts}'
+
+
+def _projection_key(path, side):
+    return f'{_key(path)}_{("prev", "next")[side]}'
 
 
 def _module(block, path):

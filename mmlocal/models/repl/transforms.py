@@ -38,6 +38,15 @@ class BaseRepLTransform(nn.Module):
 
     per_block = False
     column_separable = False
+    #: ``batched(params, pn)`` (a classmethod, optional): the same map for
+    #: ``n`` instances at once; ``pn`` is ``(2n, C_out, cols)``, the ``n``
+    #: ``prev`` then the ``n`` ``next`` tensors, and ``params[(x, y)]`` for
+    #: each pair of :attr:`pairs` the ``n`` instances' parameter ``x`` then
+    #: their ``y``, stacked on a new dim 0 (the prev side's parameter, then
+    #: the next side's): both sides are mapped in the same ops
+    batched = None
+    #: parameter pairs ``(prev side, next side)`` of :attr:`batched`
+    pairs = ()
 
     def forward(self, prev, next):  # noqa: A002 - the paper's k+1
         raise NotImplementedError
@@ -82,6 +91,14 @@ class RepLScalarMix(BaseRepLTransform):
     def forward(self, prev, next):  # noqa: A002
         return self.a * prev + self.b * next
 
+    pairs = (('a', 'b'), )
+
+    @classmethod
+    def batched(cls, params, pn):
+        n2 = pn.shape[0]
+        both = params[('a', 'b')].view(n2, 1, 1) * pn
+        return both.view((2, n2 // 2) + pn.shape[1:]).sum(0)
+
 
 @MODELS.register_module()
 class RepLChannelMix(BaseRepLTransform):
@@ -114,6 +131,13 @@ class RepLChannelMix(BaseRepLTransform):
         return torch.addcmul(
             self._per_channel(self.b, next) * next,
             self._per_channel(self.a, prev), prev)
+
+    pairs = (('a', 'b'), )
+
+    @classmethod
+    def batched(cls, params, pn):
+        both = params[('a', 'b')][..., None] * pn
+        return both.view((2, pn.shape[0] // 2) + pn.shape[1:]).sum(0)
 
 
 @MODELS.register_module()
@@ -170,6 +194,17 @@ class RepLLowRankMix(BaseRepLTransform):
         out = torch.addmm(out, self.u_b, self.v_b.t() @ n)
         return out.reshape(prev.shape)
 
+    pairs = (('a', 'b'), ('u_a', 'u_b'), ('v_a', 'v_b'))
+
+    @classmethod
+    def batched(cls, params, pn):
+        # [A W- ; B W+] = diag-part + U (V^T W) for both sides in one
+        # bmm each, then the two sides summed: 4 ops for n instances
+        low = params[('v_a', 'v_b')].transpose(1, 2) @ pn
+        both = torch.baddbmm(params[('a', 'b')][..., None] * pn,
+                             params[('u_a', 'u_b')], low)
+        return both.view((2, pn.shape[0] // 2) + pn.shape[1:]).sum(0)
+
 
 def _pair_of_floats(value, option, owner):
     try:
@@ -185,3 +220,80 @@ def _positive_int(value, option, owner):
         raise ValueError(f'{owner}: {option}={value!r} must be a positive '
                          'int')
     return value
+
+
+class RepLProjection(nn.Module):
+    """Learnable channel projection of a neighbour's tensor to the shape of
+    the replaced block's (``fusion='project'``).
+
+    Where a neighbour's tensor has other channel counts than the replaced
+    block's -- the first block of the next stage (``2x`` channels) seen from
+    the last block of a stage, or block 0's ``conv1`` (the previous stage's
+    input width) seen from block 1 -- each differing channel dim ``d``
+    (0: output, 1: input channels) with sizes in an integer ratio ``m`` is
+    mapped by a learnable grouping:
+
+    .. math::  \\text{reduce } (n' = m n):\\quad
+               P(W)[c] = \\sum_{j<m} \\alpha_d[c, j] \\, W[c m + j], \\qquad
+               \\text{expand } (n = m n'):\\quad
+               P(W)[c m + j] = \\alpha_d[c, j] \\, W[c]
+
+    (other dims unchanged). ``alpha_d`` has ``max(n, n')`` entries and
+    starts at ``1/m`` (reduce: the mean of each group of ``m`` source
+    channels, so every source channel gets gradient and a vector of ones,
+    a norm weight, stays ones) or ``1`` (expand: each source channel
+    repeated). One projection serves every tensor of a layer (weight and
+    bias) and one side (``k-1`` or ``k+1``); vectors use ``alpha_0`` only.
+    The stride of the source block is not part of its weights: the
+    replaced block applies the projected kernel at its own stride.
+
+    Args:
+        dims (dict[int, tuple[int, int]]): ``{dim: (source size, target
+            size)}`` for each channel dim (0 or 1) that differs.
+    """
+
+    def __init__(self, dims):
+        super().__init__()
+        if not dims or any(d not in (0, 1) for d in dims):
+            raise ValueError(f'RepLProjection: dims={dims!r} must map dim 0 '
+                             'and/or 1 to (source, target) sizes')
+        self.dims = {}
+        for d, (src, dst) in sorted(dims.items()):
+            src, dst = int(src), int(dst)
+            small, big = min(src, dst), max(src, dst)
+            if src == dst or small < 1 or big % small:
+                raise ValueError(
+                    f'RepLProjection: dim {d}: {src} -> {dst} channels is '
+                    'not an integer ratio')
+            m = big // small
+            self.dims[d] = (src, dst)
+            init = 1. / m if src > dst else 1.
+            self.register_parameter(f'alpha{d}',
+                                    nn.Parameter(torch.full((small, m),
+                                                            init)))
+
+    def forward(self, tensor):
+        out = tensor
+        for d, (src, dst) in self.dims.items():
+            if out.dim() <= d:
+                continue
+            if out.shape[d] != src:
+                raise ValueError(
+                    f'RepLProjection: dim {d} of a {tuple(tensor.shape)} '
+                    f'tensor is not {src}')
+            alpha = getattr(self, f'alpha{d}')
+            small, m = alpha.shape
+            shape = out.shape
+            trail = (1, ) * (out.dim() - d - 1)
+            a = alpha.reshape((1, ) * d + (small, m) + trail)
+            if src > dst:  # reduce: group the m source channels of each
+                grouped = out.reshape(shape[:d] + (small, m) + shape[d + 1:])
+                out = (grouped * a).sum(d + 1)
+            else:  # expand: repeat each source channel m times
+                out = (out.unsqueeze(d + 1) * a).reshape(
+                    shape[:d] + (dst, ) + shape[d + 1:])
+        return out
+
+    def extra_repr(self):
+        return ', '.join(f'dim {d}: {s} -> {t}'
+                         for d, (s, t) in self.dims.items())

@@ -1,0 +1,487 @@
+"""Batched synthesis: every replaced block of a backbone in a few large ops.
+
+The per-block path (:meth:`~.synthesis.BlockReplacement.synthesize`) runs
+the transformation once per tensor (or per pair of norm vectors) of every
+replaced block, then folds each norm into its conv and updates each norm's
+running statistics with a dozen small ops: +110-166 kernels per replaced
+Bottleneck and step (``tools/analysis/count_ops.py``). On a GPU a step of
+small kernels is bound by their launches. This module computes the same
+tensors with the same formulas, batched:
+
+1. **gather**: one ``cat`` of every transformation parameter of the
+   backbone and one of every neighbour tensor (projected ones included),
+   laid out so that each *class* -- the items (a transform and the tensors
+   it maps) of equal transform type and shapes, e.g. ``conv1`` of
+   ``layer3.{1,3,5}`` -- is a contiguous ``(n, C_out, cols)`` view;
+2. **transform**: one batched call per class
+   (:meth:`~.transforms.BaseRepLTransform.batched`: 2 ops for the scalar and
+   per-channel mixes, 6 for the low-rank one, whatever ``n``);
+3. **fold** (ResNet light layer): every norm of every replaced block at
+   once, ``s = gamma / sqrt(var + eps)``, ``b = beta - s mu`` over the
+   concatenated vectors, then one ``W * s`` per conv class;
+4. **statistics**: each conv updates, in one kernel
+   (``torch.batch_norm_update_stats``), running statistics kept in the
+   conv's *output* space (mean ``beta``, variance ``s^2 var``: the affine
+   map ``y = s z + b`` commutes with the running average); they are mapped
+   back to the norms' buffers for all norms at once after the last
+   replaced block (:meth:`BatchedSynthesis.flush`).
+
+The result is the same as the per-block path up to float rounding (tested
+to 1e-5: outputs, gradients and statistics). The synthesised tensors of a
+forward pass are computed when the first replaced block runs and used by
+the others; they are recomputed when a block's entry was used already,
+when a backward pass went through them (``LocalLearner`` backpropagates
+module by module), when the grad mode changed, or when a parameter or
+buffer they depend on was modified in place.
+
+Used for ``layer='light'`` (``synthesis='batched'``, the default); not for
+``layer='full'`` (the stock forward reads the tensors as attributes), for
+custom transforms that are not column-separable, for blocks that keep own
+parameters, or for norms with ``momentum=None``: those keep the per-block
+path. The first training pass after a reset of the statistics runs the
+per-block path too (it calibrates them from the batch).
+"""
+import torch
+
+from mmlocal.utils.compile import CompiledMethods, check_compile_option
+from .light import STATS_READY
+from .synthesis import OWN, RULE_SOURCES, _module
+
+
+class _Item:
+    """One transform call of the per-block path: a transform and the
+    tensors it maps (a matrix, or the vectors of one layer)."""
+
+    def __init__(self, rep, index, tkey, tensors, shape):
+        self.rep = rep  # position in BatchedSynthesis.reps
+        self.index = index
+        self.tkey = tkey
+        self.tensors = tensors  # [(path, name)]
+        self.shape = shape  # of each tensor
+        self.vector = len(shape) == 1
+        self.channels = shape[0]
+        self.cols = len(tensors) if self.vector else \
+            int(torch.Size(shape).numel()) // shape[0]
+
+
+class BatchedSynthesis:
+    """Synthesis (and, for ResNet light layers, folding and statistics) of
+    all replaced blocks of a :class:`~.repl_backbone.RepLBackbone` in
+    batched ops (see the module docstring).
+
+    Args:
+        reps (list[BlockReplacement]): The replacements, in forward order.
+        compile (bool | dict): Run the pure tensor computation (gather,
+            transforms, fold: :meth:`_compute`, static shapes) under
+            ``torch.compile`` through :mod:`mmlocal.utils.compile` (True:
+            its defaults, CUDA graphs on CUDA; a dict: ``torch.compile``
+            arguments, e.g. ``dict(backend='aot_eager')``). Default False.
+    """
+
+    def __init__(self, reps, compile=False):
+        self.reps = list(reps)
+        self.compile = check_compile_option(compile, 'compile_synthesis')
+        self._compiler = CompiledMethods(self.compile)
+        self._cache = None
+        self._pending = None
+        self.reason = self._unsupported()
+        if self.reason is None:
+            self._plan()
+
+    # ------------------------------------------------------------ plan
+    def _unsupported(self):
+        for rep in self.reps:
+            if rep.light is None:
+                return "layer='full'"
+            if any(r == OWN for r in rep.rules.values()):
+                return f'{rep.block_name} keeps own parameters'
+            for t in rep.transforms.values():
+                if not getattr(type(t), 'batched', None) or not getattr(
+                        t, 'column_separable', False):
+                    return f'{type(t).__name__} has no batched form'
+            if rep.light.kind != 'vit':
+                for conv, norm in _pairs(rep):
+                    if conv.bias is not None or norm.momentum is None:
+                        return (f'{rep.block_name}: conv bias or cumulative '
+                                'norm momentum')
+        return None
+
+    def _plan(self):
+        items = []
+        for r, rep in enumerate(self.reps):
+            groups = {}
+            for path, name in rep.synthesized:
+                shape = tuple(rep.shapes[(path, name)])
+                tkey = rep._transform_of[(path, name)]
+                key = (tkey, shape) if len(shape) == 1 else \
+                    (tkey, path, name)
+                groups.setdefault(key, []).append((path, name))
+            for key, tensors in groups.items():
+                items.append(
+                    _Item(r, len(items), key[0], tensors,
+                          rep.shapes[tensors[0]]))
+        classes = {}
+        for item in items:
+            t = self.reps[item.rep].transforms[item.tkey]
+            key = (type(t), item.vector, item.channels, item.cols,
+                   tuple((n, tuple(p.shape))
+                         for n, p in t.named_parameters()))
+            classes.setdefault(key, []).append(item)
+        self.classes = list(classes.values())
+        self.param_names = [[
+            name for pair in type(self.reps[c[0].rep].transforms[
+                c[0].tkey]).pairs for name in pair
+        ] for c in self.classes]
+        # ResNet light layers: (rep, conv path, norm path) per folded conv,
+        # ordered class by class so that the scales of one conv class are
+        # one contiguous slice
+        self.folds = []
+        self.fold_slices = {}
+        for ci, cls in enumerate(self.classes):
+            if cls[0].vector:
+                continue
+            start = sum(
+                self.reps[r].block.get_submodule(p).out_channels
+                for r, p, _ in self.folds)
+            n = 0
+            for item in cls:
+                rep = self.reps[item.rep]
+                if rep.light.kind == 'vit':
+                    continue
+                path = item.tensors[0][0]
+                norm = _norm_of(rep, path)
+                if norm is None:
+                    continue
+                self.folds.append((item.rep, path, norm))
+                n += 1
+            if n:
+                if n != len(cls):  # pragma: no cover - same block kinds
+                    raise RuntimeError('mixed conv class')
+                self.fold_slices[ci] = (start, n)
+        # what the pure computation needs, as plain values (no module
+        # access inside it: torch.compile traces it)
+        self.class_meta = []
+        for ci, cls in enumerate(self.classes):
+            first = self.reps[cls[0].rep].transforms[cls[0].tkey]
+            self.class_meta.append(
+                (len(cls), cls[0].channels, cls[0].cols, cls[0].vector,
+                 type(first).batched,
+                 [(pair, tuple(getattr(first, pair[0]).shape))
+                  for pair in type(first).pairs]))
+        self.fold_meta = [(ci, start, n, self.classes[ci][0].channels)
+                          for ci, (start, n) in self.fold_slices.items()]
+        # sizes of the pieces the flat parameter / source buffers are split
+        # into (one split each: slicing pieces one by one would give each a
+        # full-size gradient buffer in backward)
+        self.param_sizes = [
+            2 * n * _numel(shape)
+            for n, _, _, _, _, shapes in self.class_meta for _, shape in shapes
+        ]
+        self.source_sizes = [
+            2 * n * c * cols for n, c, cols, _, _, _ in self.class_meta
+        ]
+        # raw synthesised tensors handed to the blocks (all but the folded
+        # ResNet convs); vectors are split out of each vector class
+        self.raw_keys = []
+        for ci, cls in enumerate(self.classes):
+            if cls[0].vector:
+                for item in cls:
+                    self.raw_keys.extend(
+                        (item.rep, key) for key in item.tensors)
+            elif ci not in self.fold_slices:
+                self.raw_keys.extend(
+                    (item.rep, item.tensors[0]) for item in cls)
+        self.raw_index = {k: i for i, k in enumerate(self.raw_keys)}
+        self.fold_gamma = [
+            self.raw_index[(r, (norm, 'weight'))] for r, _, norm in self.folds
+        ]
+        self.fold_beta = [
+            self.raw_index[(r, (norm, 'bias'))] for r, _, norm in self.folds
+        ]
+        self.fold_channels = [
+            self.reps[r].block.get_submodule(p).out_channels
+            for r, p, _ in self.folds
+        ]
+        self.fold_class_sizes = [n * c for _, _, n, c in self.fold_meta]
+
+    # ------------------------------------------------------- leaves
+    def _leaves(self):
+        """``(params, sources)``: the flat lists the pure computation
+        reads, in the layout of :meth:`_compute`."""
+        params, sources = [], []
+        for ci, cls in enumerate(self.classes):
+            for pname in self.param_names[ci]:
+                for item in cls:
+                    params.append(
+                        getattr(self.reps[item.rep].transforms[item.tkey],
+                                pname))
+            for side in (0, 1):
+                for item in cls:
+                    rep = self.reps[item.rep]
+                    for path, name in item.tensors:
+                        sources.append(_side_tensor(rep, side, path, name))
+        return params, sources
+
+    def _stats(self):
+        means, variances, eps = [], [], []
+        for r, path, norm_path in self.folds:
+            norm = self.reps[r].block.get_submodule(norm_path)
+            means.append(norm.running_mean)
+            variances.append(norm.running_var)
+            eps.append(norm.eps)
+        return means, variances, eps
+
+    # ------------------------------------------------------ compute
+    def _compute(self, params, sources, means, variances, eps):
+        """Pure tensor computation.
+
+        Returns:
+            tuple: ``raw`` (the synthesised tensors of :attr:`raw_keys`),
+            and for the ResNet light layers (else None) ``(weights, shifts,
+            scale, shift, beta, var, mean)``: the folded weight and shift of
+            each conv of :attr:`folds`, and the flat vectors the statistics
+            need.
+        """
+        flat_p = torch.cat([p.reshape(-1) for p in params])
+        flat_s = torch.cat([s.reshape(-1) for s in sources])
+        p_parts = flat_p.split(self.param_sizes)
+        s_parts = flat_s.split(self.source_sizes)
+        outs, raw, k = [], [], 0
+        for ci, (n, c, cols, vector, batched, shapes) in enumerate(
+                self.class_meta):
+            stacked = {}
+            for pair, shape in shapes:  # prev side's n, then next side's
+                stacked[pair] = p_parts[k].view((2 * n, ) + shape)
+                k += 1
+            if vector:  # [side, item, vector, C] -> [., C, vector]
+                out = batched(stacked,
+                              s_parts[ci].view(2 * n, cols, c).transpose(1, 2))
+                # [item, vector, C], each vector its own contiguous piece
+                raw.extend(
+                    out.transpose(1, 2).reshape(n * cols, c).unbind(0))
+            else:
+                out = batched(stacked, s_parts[ci].view(2 * n, c, cols))
+                if ci not in self.fold_slices:
+                    cls = self.classes[ci]
+                    raw.extend(
+                        t.view(item.shape)
+                        for t, item in zip(out.unbind(0), cls))
+            outs.append(out)
+        if not self.folds:
+            return raw, None
+        gamma = torch.cat([raw[i] for i in self.fold_gamma])
+        beta = torch.cat([raw[i] for i in self.fold_beta])
+        mean = torch.cat(means)
+        var = torch.cat(variances)
+        if len(set(eps)) == 1:
+            scale = gamma * torch.rsqrt(var + eps[0])
+        else:
+            e = torch.cat(
+                [torch.full_like(m, v) for m, v in zip(means, eps)])
+            scale = gamma * torch.rsqrt(var + e)
+        shift = torch.addcmul(beta, mean, scale, value=-1)
+        weights = []
+        for (ci, _, n, c), s in zip(self.fold_meta,
+                                    scale.split(self.fold_class_sizes)):
+            folded = outs[ci] * s.view(n, c, 1)
+            weights.extend(
+                t.view(item.shape)
+                for t, item in zip(folded.unbind(0), self.classes[ci]))
+        shifts = shift.split(self.fold_channels)
+        return raw, (weights, shifts, scale, shift, beta, var, mean)
+
+    def _run(self):
+        leaves = self._leaves()
+        stats = self._stats() if self.folds else ([], [], [])
+        # (eager unless compile_synthesis: mmlocal.utils.compile)
+        return self._compiler(self, '_compute', *leaves, *stats), leaves
+
+    # ----------------------------------------------------- per block
+    def usable(self, rep):
+        """Whether ``rep``'s forward can take the batched path now."""
+        if self.reason is not None:
+            return False
+        if rep.block.training:
+            # the first training pass after a reset calibrates the
+            # statistics from the batch: per-block path
+            for r, _, norm_path in self.folds:
+                norm = self.reps[r].block.get_submodule(norm_path)
+                if not getattr(norm, STATS_READY, False):
+                    return False
+        return True
+
+    def entry(self, rep):
+        """``(tensors, fold)`` of ``rep`` for this forward: its synthesised
+        tensors ``{(path, name): tensor}`` and, for a ResNet light layer,
+        ``{conv path: (weight, shift, stats)}``."""
+        r = self.reps.index(rep)
+        cache = self._cache
+        if cache is None or not cache.valid(r, rep):
+            self.flush()
+            cache = self._cache = _Cache(self)
+        cache.used.add(r)
+        out = cache.tensors(r), cache.folds(r)
+        return out
+
+    def after_forward(self, rep):
+        """After ``rep``'s forward: the last block of the pass writes the
+        statistics back and drops the cache."""
+        if rep is self.reps[-1]:
+            self.flush()
+            self._cache = None
+
+    def flush(self):
+        """Write the statistics updated in the convs' output space back to
+        the norms' buffers (those whose conv ran)."""
+        pending, self._pending = self._pending, None
+        if not pending:
+            return
+        cache, ran = pending
+        with torch.no_grad():
+            s, t = cache.scale.detach(), cache.shift.detach()
+            ok = s.abs() > 1e-12
+            inv = torch.where(ok, s, torch.ones_like(s)).reciprocal_()
+            mean = torch.where(ok, (cache.aux_mean - t) * inv, cache.mean)
+            var = torch.where(ok, cache.aux_var * inv * inv, cache.var)
+            sizes = [len(m) for m in cache.means]
+            idx = sorted(ran)
+            means = [cache.means[i] for i in idx]
+            variances = [cache.vars[i] for i in idx]
+            new_m = mean.split(sizes)
+            new_v = var.split(sizes)
+            torch._foreach_copy_(means, [new_m[i] for i in idx])
+            torch._foreach_copy_(variances, [new_v[i] for i in idx])
+            torch._foreach_add_([cache.counts[i] for i in idx], 1)
+
+    def reset(self):
+        """Drop the cache and any pending statistics (the buffers are
+        about to be reset or loaded)."""
+        self._cache = None
+        self._pending = None
+
+    def mark_ran(self, cache, fold):
+        if self._pending is None:
+            self._pending = (cache, set())
+        elif self._pending[0] is not cache:  # pragma: no cover
+            self.flush()
+            self._pending = (cache, set())
+        self._pending[1].add(fold)
+
+    def __getstate__(self):
+        # deep copies and pickles carry the plan, not a step's tensors
+        state = dict(self.__dict__)
+        state['_cache'] = None
+        state['_pending'] = None
+        return state
+
+
+class _Cache:
+    """The batched tensors of one forward pass."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.grad = torch.is_grad_enabled()
+        self.used = set()
+        self.stale = False
+        (raw, fold), _ = engine._run()
+        self.raw = raw
+        # what each rep's tensors depend on (leaves), to notice in-place
+        # changes (an optimizer step, a load) before the cache is used
+        deps = {r: _dependencies(rep) for r, rep in enumerate(engine.reps)}
+        self.fold = fold is not None
+        watched = list(raw)
+        if self.fold:
+            (self.weights, self.shifts, self.scale, self.shift, beta, var,
+             mean) = fold
+            watched.append(self.scale)
+            self.mean, self.var = mean, var
+            self.means, self.vars, _ = engine._stats()
+            self.counts = []
+            for r, path, norm_path in engine.folds:
+                norm = engine.reps[r].block.get_submodule(norm_path)
+                self.counts.append(norm.num_batches_tracked)
+                deps.setdefault(r, []).extend(
+                    (norm.running_mean, norm.running_var))
+            with torch.no_grad():
+                s = self.scale.detach()
+                # y = s z + b: the output-space running mean is beta, the
+                # variance s^2 var
+                self.aux_mean = beta.detach().clone()
+                self.aux_var = s * s * var
+                self.aux = list(
+                    zip(self.aux_mean.split(engine.fold_channels),
+                        self.aux_var.split(engine.fold_channels)))
+        self.deps = {r: [(t, t._version) for t in ts]
+                     for r, ts in deps.items()}
+        if self.grad:
+            # a backward through them frees their graph: recompute after
+            for t in watched:
+                if t.requires_grad:
+                    t.register_hook(self._consumed)
+
+    def _consumed(self, grad):
+        self.stale = True
+        return grad
+
+    def valid(self, r, rep):
+        if self.stale or r in self.used or \
+                self.grad != torch.is_grad_enabled():
+            return False
+        return all(t._version == v for t, v in self.deps.get(r, ()))
+
+    def tensors(self, r):
+        return {
+            key: self.raw[i]
+            for (rr, key), i in self.engine.raw_index.items() if rr == r
+        }
+
+    def folds(self, r):
+        if not self.fold:
+            return None
+        out = {}
+        for i, (rr, path, _) in enumerate(self.engine.folds):
+            if rr == r:
+                out[path] = (self.weights[i], self.shifts[i], *self.aux[i],
+                             i, self)
+        return out
+
+
+def _numel(shape):
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _pairs(rep):
+    block = rep.block
+    if rep.light.kind == 'bottleneck':
+        return [(block.conv1, block.norm1), (block.conv3, block.norm3)]
+    return [(block.conv2, block.norm2)]
+
+
+def _norm_of(rep, conv_path):
+    block = rep.block
+    names = {'conv1': 'norm1_name', 'conv2': 'norm2_name',
+             'conv3': 'norm3_name'}
+    attr = names.get(conv_path)
+    return getattr(block, attr) if attr else None
+
+
+def _dependencies(rep):
+    deps = list(rep.transforms.parameters()) + list(
+        rep.projections.parameters())
+    for path, name in rep.synthesized:
+        for side, how in enumerate(RULE_SOURCES[rep.rules[(path, name)]]):
+            if how is not None:
+                deps.append(
+                    _module(rep._neighbours[side], path)._parameters[name])
+    return deps
+
+
+def _side_tensor(rep, side, path, name):
+    how = RULE_SOURCES[rep.rules[(path, name)]]
+    t = rep._source(side, how[side], path, name)
+    if t is None:  # mirrored: the other neighbour in both slots
+        t = rep._source(1 - side, how[1 - side], path, name)
+    return t

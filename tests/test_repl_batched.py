@@ -1,0 +1,216 @@
+"""RepL's batched synthesis (``synthesis='batched'``, the default) against
+the per-block path: same outputs, gradients and statistics, fewer kernels;
+and its ``torch.compile`` option."""
+import pytest
+import torch
+from local_utils import (TINY_RETINANET, HostReads, KeepGradsOptimWrapper,
+                         det_batch, small_aux)
+from mmengine.config import ConfigDict
+from mmengine.registry import DefaultScope
+from test_repl import (CHANNEL, LOWRANK, R18, R50, SCALAR, VIT, assert_close,
+                       outputs_loss, randomize, repl)
+
+from mmlocal.models.repl.light import STATS_READY
+from mmlocal.registry import MODELS
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _x(seed, size=64, batch=2):
+    # float64 and 64 px: train-mode BN over 2 x 1 x 1 maps (ResNet layer4 of
+    # a 32 px image) amplifies a 1e-12 difference of the weights to 1e-4
+    return torch.randn(
+        batch, 3, size, size, generator=torch.Generator().manual_seed(seed),
+        dtype=torch.float64)
+
+
+def _pair(backbone, **kwargs):
+    """A per-block and a batched model with the same weights."""
+    models = []
+    for mode in ('per_block', 'batched'):
+        m = repl(backbone, interval=2, synthesis=mode, **kwargs)
+        randomize(m)
+        m.double().train()
+        models.append(m)
+    assert models[0].engine is None and models[1].engine is not None
+    return models
+
+
+def _compare_steps(models, steps=3, size=64, rel=1e-5):
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in models]
+    for step in range(steps):
+        x = _x(10 + step, size)
+        outs = [m(x) for m in models]
+        for a, b in zip(*outs):
+            assert_close(b, a.detach(), f'output {step}', rel=rel)
+        for m, out in zip(models, outs):
+            outputs_loss(out).backward()
+        grads = [dict(m.named_parameters()) for m in models]
+        for name, p in grads[0].items():
+            q = grads[1][name]
+            if p.grad is None:
+                assert q.grad is None or not q.grad.any(), name
+                continue
+            assert_close(q.grad, p.grad, f'{name} step {step}', rel=rel)
+        # one scale for both (random ResNet gradients reach 1e8): equal
+        # steps of at most lr
+        scale = max(p.grad.abs().max() for p in grads[0].values()
+                    if p.grad is not None)
+        for m, opt in zip(models, opts):
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.div_(scale)
+            opt.step()
+            opt.zero_grad()
+        states = [m.state_dict() for m in models]
+        assert list(states[0]) == list(states[1])
+        for key, value in states[0].items():
+            if value.is_floating_point():
+                assert_close(states[1][key], value, key, rel=rel)
+            else:
+                assert torch.equal(states[1][key], value), key
+    for m in models:
+        m.eval()
+    with torch.no_grad():
+        outs = [m(_x(99, size)) for m in models]
+    for a, b in zip(*outs):
+        assert_close(b, a, 'eval output', rel=rel)
+
+
+R50_MMDET = dict(R50, frozen_stages=1)  # the mmdet recipe's 6 blocks
+
+
+@pytest.mark.parametrize('backbone, transform, fusion, steps', [
+    # all rules: both, prev+proj(next), proj(prev)+next (R50 'project'),
+    # prev (R18 'mirror': every block is a stage end), the scalar's shared
+    # coefficients, ViT layers (no folding)
+    (R50_MMDET, LOWRANK, 'project', 2),
+    (R18, SCALAR, 'project', 3),
+    (R18, CHANNEL, 'mirror', 3),
+    (VIT, LOWRANK, 'mirror', 3),
+])
+def test_batched_equals_per_block(backbone, transform, fusion, steps):
+    _compare_steps(
+        _pair(backbone, transform=transform, fusion=fusion),
+        steps=steps,
+        size=32 if backbone is VIT else 64)
+
+
+def test_batched_calibrates_like_per_block():
+    """After init_weights the first training pass calibrates the statistics
+    (per-block path); the batched path takes over from the second."""
+    models = []
+    for mode in ('per_block', 'batched'):
+        m = repl(R18, interval=2, transform=LOWRANK, synthesis=mode,
+                 fusion='project')
+        m.init_weights()
+        m.double().train()
+        models.append(m)
+    _compare_steps(models, steps=2)
+
+
+def test_batched_inside_local_learner_backward_per_module():
+    """LocalLearner backpropagates module by module: a backward through the
+    batched tensors makes the next block recompute them (no second backward
+    through a freed graph), with the per-block path's gradients."""
+    grads = []
+    for mode in ('per_block', 'batched'):
+        model_cfg = ConfigDict(TINY_RETINANET)
+        model_cfg.backbone = dict(
+            type='mmlocal.RepLBackbone',
+            backbone=dict(model_cfg.backbone, zero_init_residual=False),
+            interval=2,
+            transform=CHANNEL,
+            synthesis=mode)
+        cfg = dict(
+            type='mmlocal.LocalLearner',
+            model=model_cfg,
+            num_modules=2,
+            aux=small_aux())
+        torch.manual_seed(0)
+        with DefaultScope.overwrite_default_scope('mmdet'):
+            learner = MODELS.build(cfg)
+        learner.init_weights()
+        wrapper = KeepGradsOptimWrapper(
+            torch.optim.SGD(learner.parameters(), lr=0.))
+        for _ in range(2):  # calibration pass, then the batched one
+            learner.train_step(det_batch(seed=1), wrapper)
+        grads.append({
+            n: p.grad.clone()
+            for n, p in learner.named_parameters() if p.grad is not None
+        })
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert_close(grads[1][name], g, name, rel=1e-5)
+
+
+class _Kernels(HostReads):
+    """Ops other than views (what ``count_ops.py`` counts as kernels)."""
+    VIEWS = ('view', 't', 'reshape', 'detach', 'select', 'slice', 'expand',
+             'as_strided', 'unsqueeze', 'squeeze', 'permute', 'transpose',
+             '_unsafe_view', 'alias', 'split', 'split_with_sizes', 'unbind',
+             'narrow', 'empty', 'empty_like', 'new_empty', 'empty_strided',
+             '_reshape_alias')
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops -= func.overloadpacket.__name__ in self.VIEWS
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_batched_launches_fewer_kernels():
+    counts = []
+    for mode in ('per_block', 'batched'):
+        model = repl(R50_MMDET, interval=2, transform=LOWRANK,
+                     synthesis=mode)
+        model.train()
+        x = _x(0, size=32).float()
+        outputs_loss(model(x)).backward()  # calibration pass
+        model.zero_grad()
+        with _Kernels() as counter:
+            outputs_loss(model(x)).backward()
+        assert counter.count == 0  # no host read of a device value
+        counts.append(counter.ops)
+    per_block, batched = counts
+    # 6 replaced blocks: the synthesis of every tensor, the folding and the
+    # statistics of every norm run in shared ops
+    assert batched < 0.5 * per_block, counts
+
+
+def test_compiled_synthesis_equals_eager():
+    """``compile_synthesis``: the batched computation under torch.compile
+    (backend 'aot_eager' here: inductor's C++ compile takes minutes on a
+    small CPU; the graph capture and functionalisation are what is
+    tested)."""
+    pytest.importorskip('torch._dynamo')
+    models = []
+    for compile_synthesis in (False, dict(backend='aot_eager')):
+        m = repl(R18, interval=2, transform=LOWRANK, fusion='project',
+                 compile_synthesis=compile_synthesis)
+        randomize(m)
+        m.double().train()
+        for norm in m.modules():  # randomize set them: no calibration pass
+            setattr(norm, STATS_READY, True)
+        models.append(m)
+    _compare_steps(models, steps=1)
+    compiler = models[1].engine._compiler
+    assert compiler.enabled and compiler._fns  # it did go through compile
+
+
+def test_bad_synthesis_options():
+    with pytest.raises(ValueError, match=r"synthesis='fast' must be one of"):
+        repl(R18, interval=2, synthesis='fast')
+    with pytest.raises(ValueError, match=r"compile_synthesis needs"):
+        repl(R18, interval=2, synthesis='per_block', compile_synthesis=True)
+    with pytest.raises(ValueError,
+                       match=r"compile_synthesis: .*not apply.*layer='full'"):
+        repl(R18, interval=2, layer='full', compile_synthesis=True)
+    with pytest.raises(ValueError, match=r'compile_synthesis=1 must be True'):
+        repl(R18, interval=2, compile_synthesis=1)
+    # layer='full' keeps the per-block path
+    assert repl(R18, interval=2, layer='full').engine is None
