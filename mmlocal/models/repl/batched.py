@@ -13,9 +13,9 @@ tensors with the same formulas, batched:
    laid out so that each *class* -- the items (a transform and the tensors
    it maps) of equal transform type and shapes, e.g. ``conv1`` of
    ``layer3.{1,3,5}`` -- is a contiguous ``(n, C_out, cols)`` view;
-2. **transform**: one batched call per class
-   (:meth:`~.transforms.BaseRepLTransform.batched`: 2 ops for the scalar and
-   per-channel mixes, 6 for the low-rank one, whatever ``n``);
+2. **transform**: one batched call per class, both neighbours in the same
+   ops (:meth:`~.transforms.BaseRepLTransform.batched`: 2 ops for the scalar
+   and per-channel mixes, 4 for the low-rank one, whatever ``n``);
 3. **fold** (ResNet light layer): every norm of every replaced block at
    once, ``s = gamma / sqrt(var + eps)``, ``b = beta - s mu`` over the
    concatenated vectors, then one ``W * s`` per conv class;
@@ -311,9 +311,10 @@ class BatchedSynthesis:
         return True
 
     def entry(self, rep):
-        """``(tensors, fold)`` of ``rep`` for this forward: its synthesised
-        tensors ``{(path, name): tensor}`` and, for a ResNet light layer,
-        ``{conv path: (weight, shift, stats)}``."""
+        """``(tensors, folds)`` of ``rep`` for this forward: its synthesised
+        tensors ``{(path, name): tensor}`` other than the folded convs', and
+        for a ResNet light layer ``{conv path: (folded weight, shift,
+        output-space mean, variance, fold index, cache)}`` (else None)."""
         r = self.reps.index(rep)
         cache = self._cache
         if cache is None or not cache.valid(r, rep):
