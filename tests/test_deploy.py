@@ -151,7 +151,8 @@ with torch.no_grad():
 flat = [out] if torch.is_tensor(out) else [t for lvl in out for t in lvl]
 assert len(flat) == len(ref['outputs'])
 diff = max((a - b).abs().max().item() for a, b in zip(flat, ref['outputs']))
-assert diff <= 1e-5, diff
+scale = max(b.abs().max().item() for b in ref['outputs'])
+assert diff <= 1e-5 + 1e-5 * scale, (diff, scale)  # deploy.py's tolerance
 assert not any(m == 'mmlocal' or m.startswith('mmlocal.')
                for m in sys.modules)
 try:

@@ -50,7 +50,7 @@ def _assert_ranks_equal_single(load, suffix='', atol=1e-5, rtol=1e-4):
     for key in single:
         assert torch.equal(r0[key], r1[key]), key  # ranks identical
         torch.testing.assert_close(r0[key], single[key], atol=atol,
-                                   rtol=rtol, msg=key)
+                                   rtol=rtol, msg=lambda m: f'{key}: {m}')
     return r0, single
 
 
@@ -64,8 +64,14 @@ def test_two_ranks_equal_single_process_on_the_combined_batch(
 def test_skip_is_agreed_by_every_process(worker_states, suffix):
     """nan_guard='skip' with two processes: rank 1's NaN drops the
     iteration on both ranks, which then equal one process that never saw
-    it (default check; HPFF with PFF and a read per module and patch)."""
-    _assert_ranks_equal_single(worker_states, suffix)
+    it (default check; HPFF with PFF and a read per module and patch).
+
+    HPFF's cascade: the summed rounding differences of two half batches
+    vs one combined batch reach 4e-5 on the stem after the SGD steps on
+    some CPUs (AMD EPYC, at the commit that passed CI elsewhere), hence
+    the looser absolute tolerance there."""
+    atol = 1e-4 if suffix == '_skip_cascade' else 1e-5
+    _assert_ranks_equal_single(worker_states, suffix, atol=atol)
     for tag in ('rank0', 'rank1'):
         assert int(worker_states(tag, suffix + '_count')) == 1
 
