@@ -64,8 +64,45 @@ def test_all_registries_are_mmlocal_children_of_mmengine_roots():
 
 
 def test_every_registered_name_has_a_build_cfg():
-    missing = sorted(set(_registered()) - set(BUILD_CFGS))
+    from build_cfgs_pipeline import NEEDS_PROCESS_GROUP
+    missing = sorted(set(_registered()) - set(BUILD_CFGS)
+                     - NEEDS_PROCESS_GROUP)
     assert not missing, f'add build args to BUILD_CFGS for {missing}'
+
+
+def test_wrappers_that_need_a_process_group_build_in_one():
+    """Registered names that can only be built inside a process group
+    (``NEEDS_PROCESS_GROUP``) build with the ``mmlocal.`` prefix under
+    mmdet's scope in a fresh one-process gloo group."""
+    from build_cfgs_pipeline import NEEDS_PROCESS_GROUP
+    assert NEEDS_PROCESS_GROUP <= set(_registered())
+    names = sorted(name for _, name in NEEDS_PROCESS_GROUP)
+    code = f"""
+import socket
+import torch.distributed as dist
+from mmengine.config import ConfigDict
+from mmengine.registry import DefaultScope, MODEL_WRAPPERS, MODELS
+import mmdet.registry  # noqa: F401
+from local_utils import TINY_RETINANET, small_aux
+with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{{port}}',
+                        rank=0, world_size=1)
+with DefaultScope.overwrite_default_scope('mmdet'):
+    for name in {names!r}:
+        learner = MODELS.build(dict(
+            type='mmlocal.LocalLearner', model=ConfigDict(TINY_RETINANET),
+            num_modules=2, aux=small_aux()))
+        obj = MODEL_WRAPPERS.build(dict(type='mmlocal.' + name,
+                                        module=learner))
+        assert type(obj).__name__ == name and obj.module is learner
+dist.destroy_process_group()
+print('OK')
+"""
+    proc = subprocess.run([sys.executable, '-c', code], cwd=f'{REPO}/tests',
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
