@@ -302,16 +302,17 @@ def test_a_failed_process_stops_the_other_in_bounded_time(tmp_path, mode):
         assert float(elapsed) < 20, elapsed
 
 
-def test_setup_launcher_picks_local_wrapper():
+def test_setup_launcher_picks_local_wrapper(monkeypatch):
     from mmengine.config import Config
     from mmlocal.utils.setup_env import setup_launcher
     import torch.distributed as dist
     cfg = Config(dict(model=dict(type='mmlocal.LocalLearner')))
     owned = not dist.is_initialized()
-    if owned:
-        os.environ.update(MASTER_ADDR='127.0.0.1',
-                          MASTER_PORT=str(_free_port()), RANK='0',
-                          WORLD_SIZE='1', LOCAL_RANK='0')
+    if owned:  # monkeypatch: no RANK etc. left behind for later tests
+        for key, value in dict(MASTER_ADDR='127.0.0.1',
+                               MASTER_PORT=str(_free_port()), RANK='0',
+                               WORLD_SIZE='1', LOCAL_RANK='0').items():
+            monkeypatch.setenv(key, value)
     setup_launcher(cfg, 'pytorch')
     assert cfg.model_wrapper_cfg.type == 'mmlocal.LocalDistributedDataParallel'
     assert cfg.env_cfg.dist_cfg.backend == 'gloo'

@@ -19,8 +19,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
+DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE',
+            'MASTER_ADDR', 'MASTER_PORT')
+
+
 def _run(args):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    # the worker runs as one process unless torchrun sets RANK
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env['OMP_NUM_THREADS'] = '1'
     proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
