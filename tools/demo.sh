@@ -84,6 +84,11 @@ if m:
     print(f'  bbox mAP {m[-1][0]}  (mAP@0.5 {m[-1][1]}) on the held-out tiles')
 print(f'  training-step peak memory: local {local / 2**20:.1f} MiB'
       f' vs end-to-end {e2e / 2**20:.1f} MiB ({r:.2f}x) at {shape}')
+print('  (tensors live during one training step: parameters, gradients,'
+      ' optimizer state,')
+print('  activations; the training log\'s peak_mem_mb is, on the CPU, the'
+      ' process\'s peak RSS,')
+print('  which adds the Python heap, the libraries and the data loading)')
 big = f'{work}/memory_800x1333.json'
 if r >= 1.0 and os.path.isfile(big):
     local, e2e, r = ratio(big)
