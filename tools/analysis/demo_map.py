@@ -11,6 +11,7 @@ Example (the local-learning families against end-to-end)::
     D=configs/demo
     python tools/analysis/demo_map.py \\
         e2e=$D/retinanet_r18_fpn_1xb4-300i_demo-trees.py \\
+        dgl=$D/dgl_retinanet_r18_fpn_k3_1xb4-300i_demo-trees.py \\
         infopro=$D/infopro_retinanet_r18_fpn_k2_1xb4-300i_demo-trees.py \\
         --iters 300 --work-dir work_dirs/demo_map --json work_dirs/map.json
 """

@@ -101,10 +101,11 @@ tail -n 16 "$L/families_deeplabv3.log"
 
 fi
 if want C; then
-stamp 'C: demo mAP (7 runs in parallel)'
+stamp 'C: demo mAP (8 runs in parallel)'
 D=configs/demo
 W=/tmp/demo_map
 runs="e2e=$D/retinanet_r18_fpn_1xb4-300i_demo-trees.py
+dgl=$D/dgl_retinanet_r18_fpn_k3_1xb4-300i_demo-trees.py
 infopro=$D/infopro_retinanet_r18_fpn_k2_1xb4-300i_demo-trees.py
 man=$D/man_retinanet_r18_fpn_k2_1xb4-300i_demo-trees.py
 manpp=$D/manpp_retinanet_r18_fpn_k2_1xb4-300i_demo-trees.py
