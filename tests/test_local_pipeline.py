@@ -296,3 +296,111 @@ def test_runner_sync_pipeline_equals_one_process(demo_data_root, tmp_path):
                          rtol=1e-4)
     assert ckpt['optimizer']['state'].keys() == \
         ref['optimizer']['state'].keys()
+
+
+def test_stages_balanced_by_time_then_memory():
+    """balance='time': the least largest stage time; groupings within 5 %
+    of it are equally fast and the least largest memory decides;
+    'memory' balances memory only."""
+    from mmlocal.engine.model_wrappers.local_pipeline import (
+        balanced_stages_by_time, choose_stages)
+    assert balanced_stages_by_time([4, 1, 1, 1, 1], 2) == [[0],
+                                                           [1, 2, 3, 4]]
+    assert balanced_stages_by_time([1, 1, 1, 1, 1, 1], 3) == [
+        [0, 1], [2, 3], [4, 5]]
+    peaks, state = [10] * 4, [5, 5, 5, 40]
+    # [0, 1] | [2, 3]: 2.0 s, memory [55, 20]; [0, 1, 2] | [3]: 2.06 s
+    # (within 5 %), memory [50, 25]: less memory, chosen
+    close = [1.0, 1.0, 0.06, 1.0]
+    assert choose_stages(2, 'time', close, peaks, state) == [[0, 1, 2],
+                                                             [3]]
+    # 2.2 s is not within 5 % of 2.0 s: time wins
+    far = [1.0, 1.0, 0.2, 1.0]
+    assert choose_stages(2, 'time', far, peaks, state) == [[0, 1], [2, 3]]
+    # memory only: [0, 1, 2] | [3]
+    assert choose_stages(2, 'memory', far, peaks, state) == [[0, 1, 2],
+                                                             [3]]
+    # given per-module figures, no measurement: times / summed costs
+    assert choose_stages(2, 'time', times=far, costs=[1, 1, 1, 9]) == [
+        [0, 1], [2, 3]]
+    assert choose_stages(2, 'memory', times=far, costs=[1, 1, 1, 9]) == [
+        [0, 1, 2], [3]]
+
+
+def _tiny_learner(num_modules=4):
+    from mmengine.registry import init_default_scope
+
+    from local_utils import TINY_RETINANET, small_aux
+    from mmlocal.models.local.learner import LocalLearner
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    return LocalLearner(TINY_RETINANET, num_modules=num_modules,
+                        aux=small_aux())
+
+
+def test_measure_modules_times_every_module_and_changes_nothing():
+    from local_utils import det_batch
+    from mmlocal.engine.model_wrappers.local_pipeline import (
+        LocalPipelineParallel, measure_modules)
+    learner = _tiny_learner(3)
+    learner.train()
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    rng = torch.get_rng_state()
+    m = measure_modules(learner, det_batch(seed=1), time_repeats=1)
+    assert len(m['times']) == len(m['peaks']) == len(m['state']) == 3
+    assert all(t > 0 for t in m['times']) and all(p > 0 for p in m['peaks'])
+    assert all(p.grad is None for p in learner.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in learner.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # bad options are named before a process group is needed
+    for kwargs, match in ((dict(balance='speed'), "balance='speed'"),
+                          (dict(module_times=[1, 2]), 'module_times=')):
+        with pytest.raises(ValueError, match=match):
+            LocalPipelineParallel(learner, **kwargs)
+
+
+def test_train_stage_shares_the_stage_aux_targets(monkeypatch):
+    """train_stage computes the anchor targets of its own modules' aux
+    heads in one pass (as train_step): losses and gradients equal one pass
+    per head; cut into stages (0, 1) and (1, 3), each stage serves only its
+    own heads and the gradients are the same."""
+    import mmlocal.models.local.heads.anchor_targets as at
+    from local_utils import (KeepGradsOptimWrapper, assert_same_step,
+                             det_batch, grads)
+    calls = []
+    real = at.multi_anchor_targets
+
+    def spy(requests, *args, **kwargs):
+        calls.append(len(requests))
+        return real(requests, *args, **kwargs)
+
+    monkeypatch.setattr(at, 'multi_anchor_targets', spy)
+
+    def run(stages, share=True):
+        learner = _tiny_learner(4)
+        if not share:
+            learner._shared_targets = at.SharedAnchorTargets()
+        ow = KeepGradsOptimWrapper(
+            torch.optim.SGD(learner.parameters(), lr=0.))
+        data = learner.data_preprocessor(det_batch(seed=3), True)
+        sent, logs, per_stage = dict(x=None, outs=None), {}, []
+        for modules in stages:
+            calls.clear()
+            logs.update(learner.train_stage(dict(
+                modules=modules, inputs=data['inputs'],
+                data_samples=data['data_samples'], x=sent['x'],
+                outs=sent['outs'],
+                send=lambda x, outs, _: sent.update(x=x, outs=outs)), ow))
+            per_stage.append(list(calls))
+        return logs, grads(learner), per_stage
+
+    shared, alone = run([(0, 3)]), run([(0, 3)], share=False)
+    assert shared[2] == [[3]] and alone[2] == [[1, 1, 1]]
+    assert_same_step(shared[0], shared[1], alone[0], alone[1], rtol=0,
+                     atol=0)
+    cut = run([(0, 1), (1, 3)])
+    assert cut[2] == [[1], [2]]
+    for name, g in shared[1].items():
+        torch.testing.assert_close(cut[1][name], g, rtol=0, atol=0,
+                                   msg=name)

@@ -10,8 +10,10 @@ API (``model_wrapper_cfg``; started by ``tools/dist_train.sh`` /
         num_replicas=1,     # data-parallel replicas of every stage
         max_in_flight=2,    # batches a stage may run ahead of the next one
         timeout_s=300,      # a silent or failed process stops every process
-        module_costs=None)  # optional per-module memory for the default
-                            # grouping (else measured on the first batch)
+        balance='time',     # default grouping: by time or by 'memory'
+        module_times=None,  # optional per-module seconds / memory for the
+        module_costs=None)  # default grouping (else measured on the first
+                            # batch)
 
 ``train_step`` / ``val_step`` / ``test_step`` as any mmengine model wrapper;
 ``.module`` is the :class:`~mmlocal.models.local.LocalLearner`. The Runner
@@ -66,8 +68,12 @@ the whole model on every process (a process then holds all parameters, no
 gradients or optimizer state) and run it like one process.
 
 Default stages: at the first training step stage 0 of replica 0 measures
-every module on its batch (nothing updated) and every process takes the
-grouping minimising the largest ``max(activation peak) + sum(kept bytes)``
+every module on its batch (nothing updated: one metered step, then
+``time_repeats`` timed ones) and every process takes the grouping that
+``balance`` asks for: ``'time'`` (default) the least largest stage time
+(the async pipeline runs at its slowest stage's pace), among groupings
+within 5 % of it the least largest memory (:func:`balanced_stages_by_time`);
+``'memory'`` the least largest ``max(activation peak) + sum(kept bytes)``
 of a stage (:func:`balanced_stages_by_peak`).
 
 Faults: a process that raises writes its rank and error to the job's
@@ -94,6 +100,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from mmlocal.registry import HOOKS, MODEL_WRAPPERS
 
 SCHEDULES = ('sync', 'async')
+BALANCES = ('time', 'memory')
+# default stages, balance='time': groupings within 5 % of the least largest
+# stage time count as equally fast (then memory decides)
+TIME_TOLERANCE = 0.05
 _instances = itertools.count()
 
 
@@ -191,28 +201,34 @@ def module_state_bytes(learner, grad_only=False):
     return costs
 
 
-def measure_module_costs(learner, data):
-    """Memory of each module in one training step of ``learner`` on
+def measure_modules(learner, data, time_repeats=2):
+    """Memory and time of each module in training steps of ``learner`` on
     ``data``, measured, with nothing changed.
 
-    Runs ``learner.train_step`` under
+    Runs ``learner.train_step`` once under
     :class:`~mmlocal.utils.memory.PeakMemoryMeter` with a mark after each
-    module (SGD with lr 0 and no NaN guard; gradients, buffers such as BN
-    statistics, the RNG state and the guard's counters are put back).
+    module, then ``time_repeats`` more times with a clock read at each
+    mark (SGD with lr 0 and no step, no NaN guard; after every run the
+    gradients, buffers such as BN statistics, the RNG state and the guard's
+    counters are put back). The metered run is also the timed runs'
+    warm-up.
 
     Returns:
-        tuple[list[int], list[int]]: per module, the activation peak of its
-        phase (the phase peak less the gradients of the earlier modules,
-        which a stage does not hold) and the bytes it keeps for the whole
-        run (parameters and buffers, plus gradients and one optimizer slot
-        per trainable parameter).
+        dict: per module, ``peaks``: the activation peak of its phase (the
+        phase peak less the gradients of the earlier modules, which a stage
+        does not hold); ``state``: the bytes it keeps for the whole run
+        (parameters and buffers, plus gradients and one optimizer slot per
+        trainable parameter); ``times``: seconds of its phase (forward,
+        local loss and backward; module 0 also the data preprocessor; the
+        optimizer step is not run), the least over the timed runs (``None``
+        when ``time_repeats=0``); ``grads``: bytes of its trainable
+        parameters' gradients.
     """
     from mmengine.optim import OptimWrapper
 
     from mmlocal.models.local.learner import _IterationState
     from mmlocal.utils.memory import PeakMemoryMeter
     device = next(learner.parameters()).device
-    saved = _IterationState(learner)
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == 'cuda' \
         else None
@@ -222,25 +238,58 @@ def measure_module_costs(learner, data):
         [p for p in learner.parameters() if p.requires_grad], lr=0.0))
     optim.step = lambda **kwargs: None  # measure, never update
     learner.nan_guard = None
+    num = learner.num_modules
+
+    def run(callback):
+        saved = _IterationState(learner)
+        learner.phase_callback = callback
+        try:
+            learner.train_step(data, optim)
+        finally:
+            learner.phase_callback = None
+            saved.restore()
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+    def synchronize():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    times = None
     try:
         with PeakMemoryMeter(device) as meter:
-            learner.phase_callback = meter.mark
-            learner.train_step(data, optim)
+            run(meter.mark)
+        for _ in range(time_repeats):
+            stamps = {}
+
+            def stamp(name):
+                synchronize()
+                stamps[name] = time.perf_counter()
+
+            synchronize()
+            start = time.perf_counter()
+            run(stamp)
+            ends = [stamps[f'module{k}'] for k in range(num)]
+            phase = [e - s for s, e in zip([start] + ends[:-1], ends)]
+            times = phase if times is None else [
+                min(a, b) for a, b in zip(times, phase)]
     finally:
-        learner.phase_callback = None
         (learner.nan_guard, learner._nan_guard_calls,
          learner.num_skipped_iters, learner.last_iter_skipped) = guard
-        saved.restore()
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
     grads = module_state_bytes(learner, grad_only=True)
     state = [s + 2 * g for s, g in zip(module_state_bytes(learner), grads)]
     peaks = []
-    for k in range(learner.num_modules):
+    for k in range(num):
         peak = meter.phases.get(f'module{k}', meter.peak_bytes)
         peaks.append(max(0, int(peak) - sum(grads[:k])))
-    return peaks, state
+    return dict(peaks=peaks, state=state, times=times, grads=grads)
+
+
+def measure_module_costs(learner, data):
+    """``(peaks, state)`` of :func:`measure_modules` (memory only)."""
+    measured = measure_modules(learner, data, time_repeats=0)
+    return measured['peaks'], measured['state']
 
 
 def balanced_stages_by_peak(peaks, state, num_stages):
@@ -260,6 +309,71 @@ def balanced_stages_by_peak(peaks, state, num_stages):
             best = (key, bounds)
     bounds = best[1]
     return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def balanced_stages_by_time(times, num_stages, memory=None,
+                            tolerance=TIME_TOLERANCE):
+    """Contiguous stages that balance time first, then memory.
+
+    The throughput of an asynchronous pipeline is set by its slowest stage,
+    so the groupings whose largest stage time ``sum(times[k])`` is within
+    ``1 + tolerance`` of the least one are the candidates (measured times
+    are noisy; a few per cent of throughput is worth less than memory);
+    among them the one with the least largest ``memory`` (then the next
+    largest, ...), then the least largest time (then the next, ...).
+
+    Args:
+        times (Sequence[float]): Seconds of each module's phase.
+        num_stages (int): ``P``.
+        memory (callable, optional): ``memory(a, b)``: the memory of a stage
+            holding modules ``a..b-1`` (e.g. ``max(peaks[a:b]) +
+            sum(state[a:b])``); default: time only.
+        tolerance (float): Relative slack on the largest stage time.
+
+    Returns:
+        list[list[int]]: the module indices of each stage.
+    """
+    num_modules = len(times)
+    options = []
+    for points in itertools.combinations(range(1, num_modules),
+                                         num_stages - 1):
+        bounds = [0] + list(points) + [num_modules]
+        ranges = list(zip(bounds[:-1], bounds[1:]))
+        stage_times = sorted((sum(times[a:b]) for a, b in ranges),
+                             reverse=True)
+        mem = sorted((memory(a, b) for a, b in ranges),
+                     reverse=True) if memory is not None else []
+        options.append((stage_times, mem, points, ranges))
+    fastest = min(o[0][0] for o in options)
+    limit = fastest * (1 + tolerance) + 1e-12
+    best = min((o for o in options if o[0][0] <= limit),
+               key=lambda o: (o[1], o[0], o[2]))
+    return [list(range(a, b)) for a, b in best[3]]
+
+
+def choose_stages(num_stages, balance='time', times=None, peaks=None,
+                  state=None, costs=None):
+    """The default grouping from measured (or given) per-module figures.
+
+    ``balance='time'``: :func:`balanced_stages_by_time` of ``times``, the
+    memory of a stage being ``max(peaks) + sum(state)`` of its modules
+    (measured) or ``sum(costs)`` (given); ``'memory'``:
+    :func:`balanced_stages_by_peak` of ``peaks``/``state`` or
+    :func:`balanced_stages` of ``costs``.
+    """
+    if peaks is not None:
+        def memory(a, b):
+            return max(peaks[a:b]) + sum(state[a:b])
+    elif costs is not None:
+        def memory(a, b):
+            return sum(costs[a:b])
+    else:
+        memory = None
+    if balance == 'time' and times is not None:
+        return balanced_stages_by_time(times, num_stages, memory)
+    if peaks is not None:
+        return balanced_stages_by_peak(peaks, state, num_stages)
+    return balanced_stages(costs, num_stages)
 
 
 def _owners(learner, stages):
@@ -319,9 +433,10 @@ class LocalPipelineParallel(nn.Module):
         stages (list[list[int]], optional): Module indices of each stage,
             contiguous and covering ``0..K-1`` in order. Default: at the
             first training step stage 0 of replica 0 measures the modules
-            on its batch (:func:`measure_module_costs`) and every process
-            takes :func:`balanced_stages_by_peak`; with ``module_costs``,
-            :func:`balanced_stages` of those (no measurement).
+            on its batch (:func:`measure_modules`) and every process takes
+            :func:`choose_stages` for ``balance``; with ``module_times``
+            (``balance='time'``) or ``module_costs`` (``'memory'``) those,
+            without measuring.
         schedule (str): ``'sync'`` or ``'async'``.
         num_replicas (int): Data-parallel replicas of every stage;
             ``world_size`` must be a multiple, the pipeline has
@@ -334,12 +449,23 @@ class LocalPipelineParallel(nn.Module):
             stops with an error naming that process.
         module_costs (list[float], optional): Per-module memory (e.g. the
             ``costs`` of ``tools/analysis/plan_split.py --json``) that the
-            default grouping balances.
+            default grouping balances (``'memory'``) or respects
+            (``'time'``).
+        balance (str): What the default grouping balances: ``'time'``
+            (the largest stage time, the async pipeline's throughput; among
+            groupings within 5 % of it the least memory) or ``'memory'``
+            (the largest stage memory).
+        module_times (list[float], optional): Per-module seconds (e.g. the
+            ``times`` of ``tools/analysis/benchmark_parallel.py --plan``)
+            for ``balance='time'``.
+        time_repeats (int): Timed steps of the measurement (the least time
+            of each module is kept).
         **kwargs: Accepted and ignored (``device_ids`` from the launcher).
     """
 
     def __init__(self, module, stages=None, schedule='sync', num_replicas=1,
                  max_in_flight=2, timeout_s=300, module_costs=None,
+                 balance='time', module_times=None, time_repeats=2,
                  **kwargs):
         super().__init__()
         if not callable(getattr(module, 'train_stage', None)):
@@ -348,6 +474,22 @@ class LocalPipelineParallel(nn.Module):
         if schedule not in SCHEDULES:
             raise ValueError(f'schedule={schedule!r} must be one of '
                              f'{SCHEDULES}')
+        if balance not in BALANCES:
+            raise ValueError(f'balance={balance!r} must be one of '
+                             f'{BALANCES}')
+        if not _is_int(time_repeats) or time_repeats < 1:
+            raise ValueError(f'time_repeats={time_repeats!r} must be an int '
+                             '>= 1')
+        K = module.num_modules
+        for name, values in (('module_costs', module_costs),
+                             ('module_times', module_times)):
+            if values is not None and (
+                    len(values) != K or any(
+                        isinstance(v, bool) or not isinstance(
+                            v, (int, float)) or v < 0 for v in values)):
+                raise ValueError(
+                    f'{name}={list(values)} must be {K} numbers >= 0, one '
+                    f'per module (num_modules={K})')
         if not _is_int(num_replicas) or num_replicas < 1:
             raise ValueError(f'num_replicas={num_replicas!r} must be an int '
                              '>= 1')
@@ -375,11 +517,15 @@ class LocalPipelineParallel(nn.Module):
         K = module.num_modules
         P = self.num_stages = world // num_replicas
         stages = check_stages(stages, K, P)
-        if module_costs is not None and len(module_costs) != K:
-            raise ValueError(f'module_costs has {len(module_costs)} values '
-                             f'for num_modules={K}')
-        if stages is None and (module_costs is not None or P in (1, K)):
-            stages = balanced_stages(module_costs or [1] * K, P)
+        self.balance = balance
+        self.time_repeats = time_repeats
+        self.measured = None  # what _measure_stages measured
+        if stages is None and P in (1, K):
+            stages = balanced_stages([1] * K, P)
+        elif stages is None and (module_times if balance == 'time'
+                                 else module_costs) is not None:
+            stages = choose_stages(P, balance, times=module_times,
+                                   costs=module_costs)
         self.replica, pos = divmod(rank, P)
         self.stage = P - 1 - pos
         # None: measured at the first training step (_measure_stages)
@@ -436,20 +582,29 @@ class LocalPipelineParallel(nn.Module):
 
     def _measure_stages(self, data):
         """Default stages: stage 0 of replica 0 measures each module's
-        memory on its first batch (:func:`measure_module_costs`), every
-        process groups the modules with :func:`balanced_stages_by_peak`."""
+        memory and time on its first batch (:func:`measure_modules`), every
+        process groups the modules with :func:`choose_stages`."""
         src = self._rank_of(0, 0)
-        costs = [None]
+        measured = [None]
         if dist.get_rank() == src:
-            costs = [measure_module_costs(self.module, data)]
-        dist.broadcast_object_list(costs, src=src, group=self._cpu_group)
-        stages = balanced_stages_by_peak(*costs[0], self.num_stages)
+            measured = [measure_modules(
+                self.module, data, time_repeats=self.time_repeats
+                if self.balance == 'time' else 0)]
+        dist.broadcast_object_list(measured, src=src, group=self._cpu_group)
+        m = measured[0]
+        stages = choose_stages(self.num_stages, self.balance, m['times'],
+                               m['peaks'], m['state'])
         self._set_stages(stages)
+        self.measured = m
         from mmengine.logging import print_log
+        mib = [f'{(p + s) / 2**20:.1f}' for p, s in zip(m['peaks'],
+                                                        m['state'])]
+        times = '' if m['times'] is None else ', time [s] ' + str(
+            [round(t, 4) for t in m['times']])
         print_log(
-            f'LocalPipelineParallel: stages {stages} balance the measured '
-            'memory of the modules (activation peak, parameter/gradient/'
-            f'optimizer bytes): {costs[0]}', logger='current')
+            f'LocalPipelineParallel: stages {stages} (balance='
+            f'{self.balance!r}) from the measured modules: activation peak '
+            f'+ kept bytes [MiB] {mib}{times}', logger='current')
 
     def _check_supported(self, learner):
         """Refuse what needs parameters of another stage (stages not yet

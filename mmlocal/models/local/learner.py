@@ -220,6 +220,8 @@ def _nan_guarded(train_step):
             if self.nan_guard is not None and self._pending_checks:
                 self._read_pending_checks(cause=exc)
             raise
+        finally:
+            self._deferred = []  # a failed step's graphs are not kept
 
     @functools.wraps(train_step)
     def guarded(self, data, optim_wrapper):
@@ -288,20 +290,52 @@ class _ModuleGraph:
                 self.pending + grad
 
     def backward_to_input(self, grad):
-        """Parameters of module j and ``x`` get ``J^T grad``; the graph is
-        kept; returns the gradient w.r.t. ``x``."""
-        torch.autograd.backward(self.h, grad, inputs=self.params + [self.x],
+        """Returns ``J^T grad`` w.r.t. ``x`` (a pass that computes no
+        parameter gradient); the parameters' share joins ``pending``, so
+        each parameter gets one gradient from this graph; the graph is
+        kept."""
+        torch.autograd.backward(self.h, grad, inputs=[self.x],
                                 retain_graph=True)
         grad_x, self.x.grad = self.x.grad, None
+        self.add_pending(grad)
         return grad_x
 
-    def release(self):
-        """Back-propagate ``pending`` into the parameters only; free."""
+    def release(self, deferred):
+        """Back-propagate ``pending`` into the parameters only; free. A
+        graph the model's loss reaches too (``keep``) appends ``(h,
+        pending)`` to ``deferred`` instead: it joins the model's backward
+        (:class:`_JoinPending`), one pass through the graph for both."""
         if self.pending is not None and self.params:
-            torch.autograd.backward(self.h, self.pending,
-                                    inputs=self.params,
-                                    retain_graph=self.keep)
+            if self.keep:
+                deferred.append((self.h, self.pending))
+            else:
+                torch.autograd.backward(self.h, self.pending,
+                                        inputs=self.params)
         self.pending = self.h = self.x = None
+
+
+class _JoinPending(torch.autograd.Function):
+    """``loss`` as it is; its backward also sends each deferred gradient
+    ``g`` into its tensor ``h`` (``[(h, g), ...]``, already scaled as the
+    loss will be): autograd sums what meets in a graph, so a module graph
+    reached by both is traversed once."""
+
+    @staticmethod
+    def forward(ctx, loss, deferred, *tensors):
+        ctx.grads = [g for _, g in deferred]
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads, ctx.grads = ctx.grads, None
+        return (grad, None, *grads)
+
+
+def _join_pending(loss, deferred):
+    """``loss`` whose backward also back-propagates ``deferred``."""
+    if not deferred:
+        return loss
+    return _JoinPending.apply(loss, deferred, *(h for h, _ in deferred))
 
 
 @MODELS.register_module()
@@ -431,6 +465,8 @@ class LocalLearner(BaseModel):
                              f'one of {NAN_GUARD_CHECKS}')
         self.nan_guard_check = nan_guard_check
         self._pending_checks = []  # (module, device flag, terms): 'step'
+        # cascade graphs whose pending gradient joins the model's backward
+        self._deferred = []
         self.num_skipped_iters = 0  # by nan_guard='skip'
         self.last_iter_skipped = False  # read by MomentumAuxHook
         self._nan_guard_calls = 0
@@ -557,7 +593,9 @@ class LocalLearner(BaseModel):
                 losses = self.model.loss(inputs, data_samples)
         loss, log_vars = self.parse_losses(losses)
         self._check_finite(self.num_modules - 1, loss, log_vars)
-        optim_wrapper.update_params(loss)
+        deferred, self._deferred = self._deferred, []
+        optim_wrapper.update_params(_join_pending(loss, deferred))
+        del deferred
         self._mark(f'module{self.num_modules - 1}')
 
         log_vars['loss'] = log_vars['loss'] + local_total
@@ -644,9 +682,20 @@ class LocalLearner(BaseModel):
         x = data.get('x') if first > 0 else inputs
         local_logs = OrderedDict()
         last = self.num_modules - 1
-        x, local_total = self._train_local_modules(
-            inputs, data_samples, optim_wrapper, outs, local_logs,
-            modules=range(first, min(stop, last)), x=x)
+        # one anchor-target pass for the aux heads of this stage's modules
+        # (as train_step; the other stages' heads are not computed here)
+        group, heads = self._shared_targets, self._shared_targets.heads
+        mine = {id(m) for k in range(first, min(stop, last))
+                for m in self.aux_nets[k].modules()}
+        group.heads = [h for h in heads if id(h) in mine]
+        group.begin(data_samples)
+        try:
+            x, local_total = self._train_local_modules(
+                inputs, data_samples, optim_wrapper, outs, local_logs,
+                modules=range(first, min(stop, last)), x=x)
+        finally:
+            group.release()
+            group.heads = heads
         if stop <= last:
             data['send'](x, outs, local_logs)
             self._read_pending_checks()
@@ -767,7 +816,7 @@ class LocalLearner(BaseModel):
             for j in sorted(graphs):
                 # G_j is last used by window j + w - 1 (or the last aux)
                 if j + span - 1 <= k or k == last_aux:
-                    graphs.pop(j).release()
+                    graphs.pop(j).release(self._deferred)
             for s in produced:
                 if s not in self.attach_stages:
                     outs[s] = outs[s].detach()
