@@ -41,11 +41,13 @@ parameters, or for norms with ``momentum=None``: those keep the per-block
 path. The first training pass after a reset of the statistics runs the
 per-block path too (it calibrates them from the batch).
 """
+import contextlib
+
 import torch
 
 from mmlocal.utils.compile import CompiledMethods, check_compile_option
 from .light import STATS_READY
-from .synthesis import OWN, RULE_SOURCES, _module
+from .synthesis import OWN, RULE_SOURCES, SAME, _module
 
 
 class _Item:
@@ -84,6 +86,9 @@ class BatchedSynthesis:
         self._compiler = CompiledMethods(self.compile)
         self._cache = None
         self._pending = None
+        self._zero_bufs = {}
+        self._max_pad = 0
+        self._shared = None
         self.reason = self._unsupported()
         if self.reason is None:
             self._plan()
@@ -120,14 +125,32 @@ class BatchedSynthesis:
                 items.append(
                     _Item(r, len(items), key[0], tensors,
                           rep.shapes[tensors[0]]))
+        # ResNet light layers: every vector is a norm's weight or bias
+        # that is folded into its conv (gathered from the class output by
+        # one index); then vectors of every width share one class: their channels (and
+        # tensor counts) are zero-padded to the largest, which keeps the
+        # result exact (a zero channel has zero coefficients, contributes
+        # nothing to the channel mixing and gets no gradient) for a few
+        # extra KiB instead of one batched call per width
+        self.pad_vectors = all(rep.light.kind != 'vit' for rep in self.reps)
         classes = {}
         for item in items:
             t = self.reps[item.rep].transforms[item.tkey]
-            key = (type(t), item.vector, item.channels, item.cols,
-                   tuple((n, tuple(p.shape))
-                         for n, p in t.named_parameters()))
+            shapes = tuple((n, tuple(p.shape))
+                           for n, p in t.named_parameters())
+            if item.vector and self.pad_vectors:
+                key = (type(t), True,
+                       tuple((n, s[1:], len(s)) for n, s in shapes))
+            elif item.vector:
+                key = (type(t), True, item.channels, item.cols, shapes)
+            else:
+                key = (type(t), False, item.channels, item.cols, shapes)
             classes.setdefault(key, []).append(item)
         self.classes = list(classes.values())
+        # padded size of each class: (channels, cols)
+        self.class_dims = [(max(i.channels for i in cls),
+                            max(i.cols for i in cls))
+                           for cls in self.classes]
         self.param_names = [[
             name for pair in type(self.reps[c[0].rep].transforms[
                 c[0].tkey]).pairs for name in pair
@@ -163,11 +186,17 @@ class BatchedSynthesis:
         self.class_meta = []
         for ci, cls in enumerate(self.classes):
             first = self.reps[cls[0].rep].transforms[cls[0].tkey]
+            c, cols = self.class_dims[ci]
             self.class_meta.append(
-                (len(cls), cls[0].channels, cls[0].cols, cls[0].vector,
-                 type(first).batched,
-                 [(pair, tuple(getattr(first, pair[0]).shape))
+                (len(cls), c, cols, cls[0].vector, type(first).batched,
+                 [(pair, (c, ) + tuple(getattr(first, pair[0]).shape[1:])
+                   if getattr(first, pair[0]).dim() else ())
                   for pair in type(first).pairs]))
+        # the longest zero pad a leaf list needs (one buffer, made once)
+        self._max_pad = max([0] + [
+            c * max([cols] + [_numel(shape[1:]) for _, shape in shapes])
+            for _, c, cols, _, _, shapes in self.class_meta
+        ])
         self.fold_meta = [(ci, start, n, self.classes[ci][0].channels)
                           for ci, (start, n) in self.fold_slices.items()]
         # sizes of the pieces the flat parameter / source buffers are split
@@ -184,6 +213,8 @@ class BatchedSynthesis:
         # ResNet convs); vectors are split out of each vector class
         self.raw_keys = []
         for ci, cls in enumerate(self.classes):
+            if cls[0].vector and self.pad_vectors:
+                continue  # folded: gathered by fold_index
             if cls[0].vector:
                 for item in cls:
                     self.raw_keys.extend(
@@ -192,35 +223,82 @@ class BatchedSynthesis:
                 self.raw_keys.extend(
                     (item.rep, item.tensors[0]) for item in cls)
         self.raw_index = {k: i for i, k in enumerate(self.raw_keys)}
-        self.fold_gamma = [
-            self.raw_index[(r, (norm, 'weight'))] for r, _, norm in self.folds
-        ]
-        self.fold_beta = [
-            self.raw_index[(r, (norm, 'bias'))] for r, _, norm in self.folds
-        ]
         self.fold_channels = [
             self.reps[r].block.get_submodule(p).out_channels
             for r, p, _ in self.folds
         ]
+        # positions of the folded norms' weights, then biases, in the
+        # flattened [item, vector, C] output of the (padded) vector class
+        self.fold_index = None
+        if self.pad_vectors and self.folds:
+            where = {}
+            for ci, cls in enumerate(self.classes):
+                if not cls[0].vector:
+                    continue
+                c, cols = self.class_dims[ci]
+                for i, item in enumerate(cls):
+                    for j, key in enumerate(item.tensors):
+                        where[(item.rep, key)] = (ci, (i * cols + j) * c)
+            index = []
+            for name in ('weight', 'bias'):
+                for (r, path, norm), width in zip(self.folds,
+                                                  self.fold_channels):
+                    ci, start = where[(r, (norm, name))]
+                    index.extend(range(start, start + width))
+            self.fold_class = ci
+            self.fold_index = index
+        else:
+            self.fold_gamma = [
+                self.raw_index[(r, (norm, 'weight'))]
+                for r, _, norm in self.folds
+            ]
+            self.fold_beta = [
+                self.raw_index[(r, (norm, 'bias'))]
+                for r, _, norm in self.folds
+            ]
         self.fold_class_sizes = [n * c for _, _, n, c in self.fold_meta]
 
     # ------------------------------------------------------- leaves
     def _leaves(self):
         """``(params, sources)``: the flat lists the pure computation
-        reads, in the layout of :meth:`_compute`."""
+        reads, in the layout of :meth:`_compute` (zero pads of the vector
+        classes included)."""
         params, sources = [], []
         for ci, cls in enumerate(self.classes):
+            c, cols = self.class_dims[ci]
             for pname in self.param_names[ci]:
                 for item in cls:
-                    params.append(
-                        getattr(self.reps[item.rep].transforms[item.tkey],
-                                pname))
+                    p = getattr(self.reps[item.rep].transforms[item.tkey],
+                                pname)
+                    params.append(p)
+                    if p.dim() and p.shape[0] < c:
+                        params.append(
+                            self._zeros(p, (c - p.shape[0]) *
+                                        (p.numel() // p.shape[0])))
             for side in (0, 1):
                 for item in cls:
                     rep = self.reps[item.rep]
                     for path, name in item.tensors:
-                        sources.append(_side_tensor(rep, side, path, name))
+                        t = _side_tensor(rep, side, path, name)
+                        sources.append(t)
+                        if item.vector and item.channels < c:
+                            sources.append(self._zeros(t, c - item.channels))
+                    if item.cols < cols:  # vector items only
+                        sources.append(self._zeros(t, (cols - item.cols) * c))
+        if self._shared is not None:  # gathered by shared_sources
+            sources, self._shared = [self._shared], None
         return params, sources
+
+    def _zeros(self, like, n):
+        """A 1-d zero tensor of ``n`` elements, a view of a buffer made
+        once (no kernel per step)."""
+        key = (like.dtype, like.device)
+        buf = self._zero_bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.zeros(max(n, self._max_pad), dtype=like.dtype,
+                              device=like.device)
+            self._zero_bufs[key] = buf
+        return buf[:n]
 
     def _stats(self):
         means, variances, eps = [], [], []
@@ -232,7 +310,8 @@ class BatchedSynthesis:
         return means, variances, eps
 
     # ------------------------------------------------------ compute
-    def _compute(self, params, sources, means, variances, eps):
+    def _compute(self, params, sources, means, variances, eps,
+                 fold_index=None):
         """Pure tensor computation.
 
         Returns:
@@ -243,7 +322,9 @@ class BatchedSynthesis:
             need.
         """
         flat_p = torch.cat([p.reshape(-1) for p in params])
-        flat_s = torch.cat([s.reshape(-1) for s in sources])
+        # (one tensor: the buffer shared_sources gathered)
+        flat_s = sources[0].reshape(-1) if len(sources) == 1 else \
+            torch.cat([s.reshape(-1) for s in sources])
         p_parts = flat_p.split(self.param_sizes)
         s_parts = flat_s.split(self.source_sizes)
         outs, raw, k = [], [], 0
@@ -257,8 +338,9 @@ class BatchedSynthesis:
                 out = batched(stacked,
                               s_parts[ci].view(2 * n, cols, c).transpose(1, 2))
                 # [item, vector, C], each vector its own contiguous piece
-                raw.extend(
-                    out.transpose(1, 2).reshape(n * cols, c).unbind(0))
+                out = out.transpose(1, 2).reshape(n * cols, c)
+                if not self.pad_vectors:
+                    raw.extend(out.unbind(0))
             else:
                 out = batched(stacked, s_parts[ci].view(2 * n, c, cols))
                 if ci not in self.fold_slices:
@@ -269,8 +351,12 @@ class BatchedSynthesis:
             outs.append(out)
         if not self.folds:
             return raw, None
-        gamma = torch.cat([raw[i] for i in self.fold_gamma])
-        beta = torch.cat([raw[i] for i in self.fold_beta])
+        if fold_index is not None:  # one gather: weights, then biases
+            gamma, beta = outs[self.fold_class].view(-1).index_select(
+                0, fold_index).chunk(2)
+        else:
+            gamma = torch.cat([raw[i] for i in self.fold_gamma])
+            beta = torch.cat([raw[i] for i in self.fold_beta])
         mean = torch.cat(means)
         var = torch.cat(variances)
         if len(set(eps)) == 1:
@@ -293,8 +379,99 @@ class BatchedSynthesis:
     def _run(self):
         leaves = self._leaves()
         stats = self._stats() if self.folds else ([], [], [])
+        index = None
+        if self.fold_index is not None:
+            like = leaves[0][0]
+            index = self._zero_bufs.get(('index', like.device))
+            if index is None:
+                index = torch.tensor(self.fold_index, device=like.device)
+                self._zero_bufs[('index', like.device)] = index
         # (eager unless compile_synthesis: mmlocal.utils.compile)
-        return self._compiler(self, '_compute', *leaves, *stats), leaves
+        return self._compiler(self, '_compute', *leaves, *stats,
+                              index), leaves
+
+    # --------------------------------------------------- shared sources
+    def _source_owners(self):
+        """Every source tensor of the layout of :meth:`_compute`, with
+        ``(module, name)`` where it is a neighbour's own parameter (else
+        None: projected tensors, zero pads)."""
+        out = []
+        for ci, cls in enumerate(self.classes):
+            c, cols = self.class_dims[ci]
+            for side in (0, 1):
+                for item in cls:
+                    rep = self.reps[item.rep]
+                    how = None
+                    for path, name in item.tensors:
+                        t = _side_tensor(rep, side, path, name)
+                        how = RULE_SOURCES[rep.rules[(path, name)]]
+                        src = side if how[side] is not None else 1 - side
+                        owner = None
+                        if how[src] == SAME:
+                            module = _module(rep._neighbours[src], path)
+                            if module._parameters.get(name) is t:
+                                owner = (module, name)
+                        out.append((t, owner))
+                        if item.vector and item.channels < c:
+                            out.append((self._zeros(t, c - item.channels),
+                                        None))
+                    if item.cols < cols:
+                        out.append((self._zeros(t, (cols - item.cols) * c),
+                                    None))
+        return out
+
+    @contextlib.contextmanager
+    def shared_sources(self):
+        """Run the backbone's forward with every neighbour parameter that
+        the synthesis reads replaced, for the duration of the forward, by
+        an alias produced together with the gathered source buffer by one
+        autograd function (:class:`_GatherSources`).
+
+        A neighbour parameter is used twice: by its own block and by the
+        synthesis. Through the alias both gradients reach that function,
+        which adds them for all parameters in a few ``foreach`` ops; used
+        directly, autograd would add them one parameter at a time (about
+        80 kernels per step for ResNet-50 i2). Values and gradients are the
+        same. Only with gradients enabled, when the batched path runs and
+        no neighbour checkpoints its forward (``with_cp``); otherwise a
+        no-op.
+        """
+        reps = self.reps
+        if not torch.is_grad_enabled() or not self.usable(reps[0]) or any(
+                getattr(b, 'with_cp', False) for rep in reps
+                for b in rep._neighbours if b is not None):
+            yield
+            return
+        pairs = self._source_owners()
+        inputs, index, layout, owners = [], {}, [], []
+        for t, owner in pairs:
+            i = index.get(id(t))
+            if i is None:
+                i = index[id(t)] = len(inputs)
+                inputs.append(t)
+                owners.append(None)
+            if owner is not None:
+                owners[i] = owner
+            layout.append(i)
+        aliased = tuple(i for i, o in enumerate(owners)
+                        if o is not None and inputs[i].requires_grad)
+        if not aliased:
+            yield
+            return
+        flat, *aliases = _GatherSources.apply(tuple(layout), aliased,
+                                              *inputs)
+        swapped = []
+        try:
+            for i, alias in zip(aliased, aliases):
+                module, name = owners[i]
+                swapped.append((module, name, module._parameters[name]))
+                module._parameters[name] = alias
+            self._shared = flat
+            yield
+        finally:
+            self._shared = None
+            for module, name, param in reversed(swapped):
+                module._parameters[name] = param
 
     # ----------------------------------------------------- per block
     def usable(self, rep):
@@ -373,7 +550,54 @@ class BatchedSynthesis:
         state = dict(self.__dict__)
         state['_cache'] = None
         state['_pending'] = None
+        state['_zero_bufs'] = {}
         return state
+
+
+class _GatherSources(torch.autograd.Function):
+    """``(flat, *aliases)``: the concatenated source buffer of the batched
+    synthesis (``layout``: the input of each piece, in order) and an alias
+    (a view) of each input of ``aliased``. In backward each input's
+    gradient is its alias's gradient plus that of its pieces, added for all
+    inputs at once (one ``foreach`` op per number of terms)."""
+
+    @staticmethod
+    def forward(ctx, layout, aliased, *inputs):
+        ctx.layout, ctx.aliased = layout, aliased
+        ctx.shapes = [t.shape for t in inputs]
+        ctx.needs = [t.requires_grad for t in inputs]
+        flat = torch.cat([inputs[i].reshape(-1) for i in layout])
+        return (flat, ) + tuple(inputs[i].view_as(inputs[i])
+                                for i in aliased)
+
+    @staticmethod
+    def backward(ctx, flat_grad, *alias_grads):
+        terms = [[] for _ in ctx.shapes]
+        for i, g in zip(ctx.aliased, alias_grads):
+            if g is not None:
+                terms[i].append(g)
+        if flat_grad is not None:
+            pieces = flat_grad.split(
+                [_numel(ctx.shapes[i]) for i in ctx.layout])
+            for i, g in zip(ctx.layout, pieces):
+                terms[i].append(g.view(ctx.shapes[i]))
+        grads = [t[0] if t and need else None
+                 for t, need in zip(terms, ctx.needs)]
+        level = 1
+        while True:
+            idx = [i for i, t in enumerate(terms)
+                   if len(t) > level and ctx.needs[i]]
+            if not idx:
+                break
+            more = [terms[i][level] for i in idx]
+            if level == 1:  # new tensors (the first terms may be views)
+                sums = torch._foreach_add([grads[i] for i in idx], more)
+                for i, g in zip(idx, sums):
+                    grads[i] = g
+            else:
+                torch._foreach_add_([grads[i] for i in idx], more)
+            level += 1
+        return (None, None) + tuple(grads)
 
 
 class _Cache:

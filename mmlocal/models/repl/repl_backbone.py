@@ -236,7 +236,12 @@ class RepLBackbone(BaseModule):
         ]
 
     def forward(self, x):
-        return self.backbone(x)
+        if self.engine is None:
+            return self.backbone(x)
+        # the neighbours' two gradients (own use, synthesis) are added in
+        # a few ops: BatchedSynthesis.shared_sources
+        with self.engine.shared_sources():
+            return self.backbone(x)
 
     def train(self, mode=True):
         super().train(mode)
