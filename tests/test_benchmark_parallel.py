@@ -99,3 +99,61 @@ def test_bad_options_name_the_option(tiny_cfg):
         bp.run(tiny_cfg, iters=0)
     with pytest.raises(ValueError, match='single_threads=0'):
         bp.run(tiny_cfg, single_threads=0)
+
+
+def test_ratios_against_both_single_rows():
+    """Speed-ups over the P-thread and the one-thread single process
+    (pure arithmetic on a report: no processes), both in the table."""
+    mib = 2**20
+
+    def row(procs, threads, ips, total):
+        return dict(available=True, procs=procs, threads=threads,
+                    images_per_s=ips, static_bytes=total // 2,
+                    peak_bytes=total - total // 2, total_bytes=total)
+
+    report = dict(config='c.py', procs=2, input_shape=[4, 3, 32, 32],
+                  iters=5, balance='time', rows=dict(
+                      single=row(1, 2, 2.0, 400 * mib),
+                      single_1t=row(1, 1, 1.25, 400 * mib),
+                      pipe_async=row(2, 2, 2.5, 240 * mib)))
+    report['rows']['pipe_async']['stages'] = [[0, 1], [2]]
+    bp.add_ratios(report)
+    pipe = report['rows']['pipe_async']
+    assert pipe['speedup'] == pytest.approx(1.25)
+    assert pipe['speedup_1t'] == pytest.approx(2.0)
+    assert pipe['mem_ratio'] == pytest.approx(0.6)
+    assert report['rows']['single_1t']['speedup'] == pytest.approx(0.625)
+    lines = bp.format_table(report).splitlines()
+    line = next(ln for ln in lines if ln.startswith('pipe_async'))
+    assert line.split()[4:6] == ['1.25', '2.00'] and line.endswith('0.60')
+    assert "pipeline stages (balance='time'): pipe_async [[0, 1], [2]]" \
+        in lines
+    # without the one-thread row: '-' in its column
+    del report['rows']['single_1t']
+    for r in report['rows'].values():
+        r.pop('speedup_1t', None)
+    bp.add_ratios(report)
+    line = next(ln for ln in bp.format_table(report).splitlines()
+                if ln.startswith('pipe_async'))
+    assert line.split()[5] == '-'
+
+
+def test_plan_summary_groups_and_estimates():
+    """--plan's arithmetic: each balance's stages, stage times, the async
+    bound and the memory estimate of a stage (kept bytes + the largest
+    activation peak plus the stage's earlier gradients)."""
+    measured = dict(times=[1.0, 1.0, 0.06, 1.0], peaks=[10, 10, 10, 10],
+                    state=[5, 5, 5, 40], grads=[1, 1, 1, 10])
+    plan = bp.summarize_plan(measured, 2)
+    t, m = plan['balances']['time'], plan['balances']['memory']
+    assert t['stages'] == m['stages'] == [[0, 1, 2], [3]]
+    assert t['times'] == pytest.approx([2.06, 1.0])
+    assert t['bound'] == pytest.approx(3.06 / 2.06)
+    # one process: 55 kept + module 3's 10 + 3 earlier gradients
+    assert plan['single_memory'] == 68
+    assert t['memory'] == [15 + 12, 40 + 10]
+    assert t['mem_ratio'] == pytest.approx(50 / 68)
+    text = bp.format_plan(plan)
+    assert "balance='time': stages [[0, 1, 2], [3]]" in text
+    with pytest.raises(ValueError, match='balance='):
+        bp.run('unused.py', balance='speed')
