@@ -261,29 +261,33 @@ def test_overlap_option_is_checked():
                                      monitor_timeout=0)
 
 
-@pytest.mark.parametrize('mode', ['die', 'raise', 'hang'])
-def test_a_failed_process_stops_the_other_in_bounded_time(tmp_path, mode):
-    """Two processes started by hand (no torchrun, which would stop rank 0
-    itself), process group timeout 5 s: rank 1 exits silently, raises or
-    hangs after module 0 of iteration 1; rank 0 stops with the wrapper's
-    PeerFailureError within a bounded time, naming rank 1 when it raised
-    (its report in the store) or hangs (dist.monitored_barrier)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_ADDR='127.0.0.1',
-               MASTER_PORT=str(_free_port()), WORLD_SIZE='2')
-    procs = [subprocess.Popen(
-        [sys.executable, WORKER, 'fault', mode, str(tmp_path)], cwd=REPO,
-        env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in (0, 1)]
-    try:
-        out, _ = procs[0].communicate(timeout=300)
-    finally:
-        for proc in procs:  # rank 1 hangs by design: stop it
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
-    assert procs[0].returncode != 0, out[-3000:]
-    report = tmp_path / 'fault_rank0.txt'
+FAULT_MODES = ('die', 'raise', 'hang')
+
+
+@pytest.fixture(scope='module')
+def fault_runs(tmp_path_factory):
+    """Every fault mode's two processes, all forked at once from one
+    process started by hand (no torchrun, which would stop rank 0 itself;
+    one import; the modes' waits overlap). Each pair has its own process
+    group (timeout 5 s); the run of ``mode`` is in ``OUT/<mode>/``: rank
+    0's exit status (``rank0.rc``), output (``rank0.log``) and report
+    (``fault_rank0.txt``)."""
+    out = tmp_path_factory.mktemp('local_ddp_fault')
+    _run([WORKER, 'fault_all', ','.join(FAULT_MODES), str(out)])
+    return out
+
+
+@pytest.mark.parametrize('mode', FAULT_MODES)
+def test_a_failed_process_stops_the_other_in_bounded_time(fault_runs, mode):
+    """Two processes, process group timeout 5 s: rank 1 exits silently,
+    raises or hangs after module 0 of iteration 1; rank 0 stops with the
+    wrapper's PeerFailureError within a bounded time, naming rank 1 when it
+    raised (its report in the store) or hangs (dist.monitored_barrier)."""
+    run = fault_runs / mode
+    out = (run / 'rank0.log').read_text()
+    assert (run / 'rank0.rc').exists(), out[-3000:]  # it stopped
+    assert int((run / 'rank0.rc').read_text()) != 0, out[-3000:]
+    report = run / 'fault_rank0.txt'
     assert report.exists(), out[-3000:]
     elapsed, message = report.read_text().split('\n', 1)
     assert 'LocalDistributedDataParallel, rank 0: a gradient all-reduce ' \
@@ -324,16 +328,24 @@ def test_setup_launcher_picks_local_wrapper(monkeypatch):
         dist.destroy_process_group()
 
 
-def test_dist_train_script_two_cpu_processes(demo_data_root, tmp_path):
-    """tools/dist_train.sh: torchrun, gloo on CPU, LocalLearner wrapper."""
+@pytest.fixture(scope='module')
+def dist_train_run(demo_data_root, tmp_path_factory):
+    """tools/dist_train.sh, 2 CPU processes (torchrun, gloo), once for the
+    two tests below: LocalLearner (MAN) with clip_grad, mmengine's EMAHook
+    and MomentumAuxHook, 2 iterations, then validation on the demo val
+    set, a checkpoint and every rank's state (RankStateDumpHook)."""
     root = demo_data_root
+    work_dir = tmp_path_factory.mktemp('dist_train')
+    dist_scripts = os.path.join(REPO, 'tests', 'dist_scripts')
     env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(_free_port()),
+               PYTHONPATH=dist_scripts + os.pathsep +
+               os.environ.get('PYTHONPATH', ''),
                PATH=os.path.dirname(sys.executable) + ':' +
                os.environ.get('PATH', ''))
     proc = subprocess.run(
         ['bash', 'tools/dist_train.sh',
-         'tests/configs/infopro_retinanet_tiny_demo.py', '2', '--work-dir',
-         str(tmp_path), '--cfg-options',
+         'tests/dist_scripts/man_retinanet_tiny_demo_dist.py', '2',
+         '--work-dir', str(work_dir), '--cfg-options',
          f'train_dataloader.dataset.data_root={root}/',
          f'val_dataloader.dataset.data_root={root}/',
          f'test_dataloader.dataset.data_root={root}/',
@@ -341,9 +353,17 @@ def test_dist_train_script_two_cpu_processes(demo_data_root, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
+    return out, work_dir
+
+
+def test_dist_train_script_two_cpu_processes(dist_train_run):
+    """tools/dist_train.sh: torchrun, gloo on CPU, LocalLearner wrapper,
+    distributed validation, a checkpoint of the unwrapped model."""
+    out, work_dir = dist_train_run
     assert 'Distributed training: True' in out, out[-3000:]
     assert "type='mmlocal.LocalDistributedDataParallel'" in out
-    state = torch.load(tmp_path / 'iter_2.pth', map_location='cpu',
+    assert 'coco/bbox_mAP' in out, out[-3000:]  # validation ran
+    state = torch.load(work_dir / 'iter_2.pth', map_location='cpu',
                        weights_only=False)['state_dict']
     assert any(k.startswith('model.backbone.') for k in state)
     assert any(k.startswith('aux_nets.0.') for k in state)
@@ -356,31 +376,13 @@ def _per_rank_buffer(key):
                          'num_batches_tracked'))
 
 
-def test_runner_clip_ema_hook_and_man_hook_two_processes(
-        demo_data_root, tmp_path):
+def test_runner_clip_ema_hook_and_man_hook_two_processes(dist_train_run):
     """tools/dist_train.sh, 2 CPU processes: LocalLearner (MAN) with
     clip_grad, mmengine's EMAHook and MomentumAuxHook through a real Runner.
     Every rank ends with the same parameters, the same MAN EMA copies, the
     same EMAHook average and the same (clipped, averaged) gradient norm;
     the checkpoint holds the unwrapped model's keys."""
-    root = demo_data_root
-    dist_scripts = os.path.join(REPO, 'tests', 'dist_scripts')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(_free_port()),
-               PYTHONPATH=dist_scripts + os.pathsep +
-               os.environ.get('PYTHONPATH', ''),
-               PATH=os.path.dirname(sys.executable) + ':' +
-               os.environ.get('PATH', ''))
-    proc = subprocess.run(
-        ['bash', 'tools/dist_train.sh',
-         'tests/dist_scripts/man_retinanet_tiny_demo_dist.py', '2',
-         '--work-dir', str(tmp_path), '--cfg-options',
-         f'train_dataloader.dataset.data_root={root}/',
-         f'val_dataloader.dataset.data_root={root}/',
-         f'test_dataloader.dataset.data_root={root}/',
-         f'val_evaluator.ann_file={root}/annotations/instances_val.json'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
+    out, tmp_path = dist_train_run
     assert 'Distributed training: True' in out, out[-3000:]
     assert 'grad_norm' in out  # clip_grad ran and logged
 

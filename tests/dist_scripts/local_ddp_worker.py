@@ -48,6 +48,9 @@ started by hand with RANK/WORLD_SIZE/MASTER_*: no torchrun, which would stop
 rank 0 itself): rank 1 exits silently, raises a ValueError, or hangs, in
 iteration 1 after module 0; rank 0 reports the wrapper's error in
 ``OUT/fault_rank0.txt``.
+``python local_ddp_worker.py fault_all die,raise,hang OUT`` runs each mode
+in two processes forked from one (no torchrun either), all modes at once,
+each in ``OUT/<mode>/``.
 """
 import os
 import sys
@@ -287,16 +290,22 @@ def main(out_dir):
         dist.destroy_process_group()
 
 
-def fault(mode, out_dir):
+def build_fault():
+    return build(learner=dict(nan_guard=None))
+
+
+def fault(mode, out_dir, learner=None):
     """Rank 1 exits (``die``), raises (``raise``) or hangs (``hang``) in
     iteration 1 right after module 0, while rank 0 waits for the gradient
-    all-reduce."""
+    all-reduce. ``learner``: :func:`build_fault`'s model, if built
+    already."""
     import datetime
     import time
     dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=5))
     rank = dist.get_rank()
     from mmlocal.engine.model_wrappers import LocalDistributedDataParallel
-    learner = build(learner=dict(nan_guard=None))
+    if learner is None:
+        learner = build_fault()
     model = LocalDistributedDataParallel(learner, monitor_timeout=3)
     ow = OptimWrapper(torch.optim.SGD(model.parameters(), lr=LR))
 
@@ -321,8 +330,81 @@ def fault(mode, out_dir):
             raise
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def fault_all(modes, out_dir, timeout=300):
+    """Every fault mode at once, each in its own pair of processes forked
+    from this one (imports paid once; the modes' waits overlap): rank ``r``
+    of mode ``m`` runs :func:`fault` in a fresh process group (its own
+    port) with its output in ``OUT/<m>/rank<r>.log``; rank 0's exit status
+    goes to ``OUT/<m>/rank0.rc``. Rank 1 of ``hang`` is killed once its
+    rank 0 has stopped (or after ``timeout`` seconds)."""
+    import signal
+    import time
+    import traceback
+    # built before the forks: each process gets its own copy, and the two
+    # ranks of a pair reach the wrapper's first collective together (a
+    # skew over the 5 s timeout on a loaded machine would fail the setup)
+    learner = build_fault()
+    children = {}
+    for mode in modes:
+        sub = os.path.join(out_dir, mode)
+        os.makedirs(sub, exist_ok=True)
+        port = str(_free_port())
+        for rank in (0, 1):
+            pid = os.fork()
+            if pid:
+                children[pid] = (mode, rank)
+                continue
+            code = 1
+            try:
+                fd = os.open(os.path.join(sub, f'rank{rank}.log'),
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.environ.update(
+                    MASTER_ADDR='127.0.0.1', MASTER_PORT=port,
+                    WORLD_SIZE='2', RANK=str(rank), LOCAL_RANK=str(rank))
+                fault(mode, sub, learner)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+    deadline = time.monotonic() + timeout
+    waiting = {pid for pid, (_, rank) in children.items() if rank == 0}
+    while waiting and time.monotonic() < deadline:
+        for pid in list(waiting):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                waiting.discard(pid)
+                mode = children[pid][0]
+                with open(os.path.join(out_dir, mode, 'rank0.rc'),
+                          'w') as f:
+                    f.write(str(os.waitstatus_to_exitcode(status)))
+        time.sleep(0.05)
+    for pid in children:  # rank 1 of 'hang' by design, any left over
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
 if __name__ == '__main__':
     if sys.argv[1] == 'fault':
         fault(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == 'fault_all':
+        fault_all(sys.argv[2].split(','), sys.argv[3])
     else:
         main(sys.argv[1])

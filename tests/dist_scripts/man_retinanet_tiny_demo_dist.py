@@ -16,7 +16,7 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='SGD', lr=0.01, momentum=0.9),
     clip_grad=dict(max_norm=0.5, norm_type=2))
-train_cfg = dict(val_interval=100)  # no validation: train, save, stop
+train_cfg = dict(val_interval=2)  # train, validate (distributed), save
 custom_imports = dict(imports=['rank_state_hook'], allow_failed_imports=False)
 custom_hooks = [
     dict(type='mmlocal.MomentumAuxHook'),
