@@ -822,11 +822,16 @@ class LocalLearner(BaseModel):
                     outs[s] = outs[s].detach()
             x = h.detach()
             del h
-            loss_k = sum(logs.values()) if logs else torch.zeros(())
+            # the aux net's own total if it gives one, else the sum from the
+            # first term (no 0 +: the same value)
+            loss_k = getattr(logs, 'total', None)
+            if loss_k is None:
+                loss_k = functools.reduce(torch.add, logs.values()) \
+                    if logs else torch.zeros(())
             local_logs[f'loss_local{k}'] = loss_k
             for name, value in logs.items():
                 local_logs[f'local{k}.{name}'] = value
-            total = total + loss_k
+            total = loss_k if k == 0 else total + loss_k
             self._mark(f'module{k}')
         return x, total
 

@@ -3,9 +3,18 @@ import copy
 import functools
 import inspect
 
+import torch
+
 from mmlocal.registry import MODELS
 from .infopro import InfoProAux
 from .pff import grouped_batch_norm, iter_patches, stack_patches
+
+
+class LocalLogs(dict):
+    """Detached logged terms of a module's local loss; ``total``: the
+    loss itself, detached (the learner logs it as ``loss_local{k}``
+    instead of summing the terms again), or None."""
+    total = None
 
 
 @contextlib.contextmanager
@@ -207,7 +216,10 @@ class CascadeLocalAux(InfoProAux):
                     _grouped_loss(self.task_head, groups):
                 part = self.cascade_loss(h_b, inputs_b, samples_b)
             for name, value in part.items():
-                losses[name] = losses.get(name, 0.) + value * scale
+                # x * 1.0 is x (one stack of all P^2 patches, 'mean')
+                value = value if scale == 1.0 else value * scale
+                losses[name] = losses[name] + value if name in losses \
+                    else value
         return losses
 
     def _batched(self, h, inputs, data_samples):
@@ -218,7 +230,13 @@ class CascadeLocalAux(InfoProAux):
 
     @staticmethod
     def _total(losses):
-        return sum(losses.values())
+        """Sum of the terms from the first one (no ``0 +``: one kernel
+        fewer, the same value)."""
+        values = list(losses.values())
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total
 
     @staticmethod
     def _cascade_name(name):
@@ -226,14 +244,54 @@ class CascadeLocalAux(InfoProAux):
         return 'loss_cas_' + name[len('loss_'):] if \
             name.startswith('loss_') else 'cas_' + name
 
-    def _weighted(self, independent, cascade):
-        """``loss_ind`` (times ``w_x``) and ``loss_cas_*`` (times ``w_y``);
-        their sum is the local loss of module k."""
+    def _weighted(self, independent, cascade, ind=None):
+        """``loss_ind`` (times ``w_x``; ``ind`` if given: that product,
+        already computed) and ``loss_cas_*`` (times ``w_y``); their sum is
+        the local loss of module k."""
         losses = {'loss_ind': self.independent_weight *
-                  self._total(independent)}
+                  self._total(independent) if ind is None else ind}
         for name, value in cascade.items():
             losses[self._cascade_name(name)] = self.cascade_weight * value
         return losses
+
+    def _weight_vector(self, weights, like):
+        """``weights`` as a tensor on ``like``'s device and dtype, made
+        once (not a kernel per step)."""
+        cache = self.__dict__.setdefault('_weight_vectors', {})
+        key = (weights, like.device, like.dtype)
+        if key not in cache:
+            cache[key] = torch.tensor(weights, device=like.device,
+                                      dtype=like.dtype)
+        return cache[key]
+
+    def _weighted_sum(self, independent, cascade):
+        """The local loss ``w_x sum(ind) + w_y sum(cas)`` and its detached
+        logs (those of :meth:`_weighted`).
+
+        The terms are stacked, multiplied by one weight vector and summed:
+        three kernels forward and one backward instead of a product per
+        weight and a sum per term (and their backward). Every term's
+        gradient is exactly ``w * upstream``, as through the products;
+        the loss value may differ from theirs by float reassociation.
+        """
+        terms = list(independent.values()) + list(cascade.values())
+        if not (independent and cascade and all(
+                torch.is_tensor(t) and t.dim() == 0 for t in terms)):
+            ind = self.independent_weight * self._total(independent)
+            return (ind + self.cascade_weight * self._total(cascade),
+                    self._detached(independent, cascade, ind))
+        stacked = torch.stack(terms)
+        weights = (self.independent_weight, ) * len(independent) + \
+            (self.cascade_weight, ) * len(cascade)
+        weighted = stacked * self._weight_vector(weights, stacked)
+        parts = weighted.detach().unbind()
+        num = len(independent)
+        logs = LocalLogs(loss_ind=functools.reduce(torch.add, parts[:num]))
+        for name, value in zip(cascade, parts[num:]):
+            logs[self._cascade_name(name)] = value
+        loss = weighted.sum()
+        logs.total = loss.detach()
+        return loss, logs
 
     def loss(self, h, inputs, data_samples):
         """Both streams on the same ``h``, in one graph: the local objective
@@ -279,7 +337,6 @@ class CascadeLocalAux(InfoProAux):
         with forward_context():
             independent = self.independent_loss(h_independent, inputs,
                                                 data_samples)
-        ind = self.independent_weight * self._total(independent)
         stacked = self._batched(h_cascade, inputs, data_samples)
         if self.patch_grid == 1 or stacked is not None:
             with forward_context():
@@ -287,10 +344,11 @@ class CascadeLocalAux(InfoProAux):
                     h_cascade, inputs, data_samples) if stacked is None \
                     else self.batched_cascade_loss(stacked)
             del stacked
-            backward(ind + self.cascade_weight * self._total(cascade))
-            return self._detached(independent, cascade)
+            loss, logs = self._weighted_sum(independent, cascade)
+            backward(loss)
+            return logs
+        ind = self.independent_weight * self._total(independent)
         backward(ind)
-        del ind
         cascade = {}
         patches = self.patches(h_cascade, inputs, data_samples)
         share = self.cascade_weight * self._patch_scale
@@ -300,12 +358,15 @@ class CascadeLocalAux(InfoProAux):
             # this patch's share now: its aux activations are freed before
             # the next patch runs; h_cascade.grad accumulates the sum
             backward(share * self._total(losses))
-            for name, value in losses.items():
-                cascade[name] = cascade.get(name, 0.) + \
-                    value.detach() * self._patch_scale
+            for name, value in losses.items():  # (logs) sum, scaled below
+                cascade[name] = cascade[name] + value.detach() \
+                    if name in cascade else value.detach()
             del losses, patch
-        return self._detached(independent, cascade)
+        if self._patch_scale != 1.0:
+            cascade = {name: value * self._patch_scale
+                       for name, value in cascade.items()}
+        return self._detached(independent, cascade, ind)
 
-    def _detached(self, independent, cascade):
+    def _detached(self, independent, cascade, ind=None):
         return {name: value.detach() for name, value in self._weighted(
-            independent, cascade).items()}
+            independent, cascade, ind).items()}
