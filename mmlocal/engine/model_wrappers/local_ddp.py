@@ -239,37 +239,49 @@ class LocalDistributedDataParallel(nn.Module):
         for p, has in zip(params, any_rank):
             if has and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p, has in zip(params, any_rank) if has]
-        pending = [self._start_bucket(b) for b in self._buckets(grads)]
+        reduced = [p for p, has in zip(params, any_rank) if has]
+        pending = [self._start_bucket(b) for b in self._buckets(reduced)]
         self._finish(pending)
 
-    def _buckets(self, grads):
+    def _buckets(self, params):
+        """``params`` (each with a ``.grad``) in groups of about
+        ``bucket_size_mb`` of gradient."""
         bucket, size = [], 0
-        for g in grads:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
+        for p in params:
+            bucket.append(p)
+            size += p.grad.numel() * p.grad.element_size()
             if size >= self.bucket_bytes:
                 yield bucket
                 bucket, size = [], 0
         if bucket:
             yield bucket
 
-    def _start_bucket(self, bucket):
-        """Flatten ``bucket`` (a copy) and start its all-reduce."""
-        flat = _flatten_dense_tensors(bucket)
+    def _start_bucket(self, params):
+        """Flatten the gradients of ``params`` into one buffer, make each
+        ``.grad`` a view of it and start its all-reduce.
+
+        The gradients then live in the buffer only (the tensors autograd
+        made are freed): the copy costs one bucket at a time, not a second
+        set of gradients that stays alive until the step while the later
+        modules compute (what DDP's ``gradient_as_bucket_view`` avoids
+        too). The all-reduce sums in place; :meth:`_finish` divides.
+        """
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        for p, view in zip(params, _unflatten_dense_tensors(flat, grads)):
+            p.grad = view
+        del grads
         with self._fault_report('a gradient all-reduce'):
             work = dist.all_reduce(flat, async_op=True)
-        return work, flat, bucket
+        return work, flat
 
     def _finish(self, pending):
-        """Wait for the all-reduces, write the means into the gradients."""
-        for work, flat, bucket in pending:
+        """Wait for the all-reduces and turn the sums into means (the
+        gradients are views of the reduced buffers)."""
+        for work, flat in pending:
             with self._fault_report('a gradient all-reduce'):
                 work.wait()
             flat.div_(self.world_size)
-            for g, synced in zip(bucket,
-                                 _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(synced)
 
     @contextmanager
     def _fault_report(self, what):
@@ -479,24 +491,26 @@ class _OverlapState:
     def _drop_pending(self):
         """All-reduces started in an iteration without a step (skipped or
         stopped by the NaN guard, an accumulation step predicted wrongly):
-        let them finish (every rank started them) and drop their results."""
-        pending, self.pending = self.pending, []
-        for work, _, _ in pending:
-            with self.ddp._fault_report('a gradient all-reduce'):
-                work.wait()
+        let them finish (every rank started them). A skipped iteration's
+        gradients were put back by the NaN guard (the buffers are no longer
+        the ``.grad`` of anything); where they are still the gradients, the
+        mean is kept: what the later iterations of the window add to every
+        rank's copy of the same mean averages to the same update."""
+        self.ddp._finish(self.pending)
+        self.pending = []
 
     @torch.no_grad()
     def _start_phase(self, j):
         if j in self.started:
             return
         self.started.add(j)
-        grads = []
+        params = []
         for i in self.by_phase.get(j, ()):
             p = self.params[i]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        for bucket in self.ddp._buckets(grads):
+            params.append(p)
+        for bucket in self.ddp._buckets(params):
             self.pending.append(self.ddp._start_bucket(bucket))
 
     @torch.no_grad()
