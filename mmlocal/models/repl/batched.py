@@ -12,13 +12,23 @@ tensors with the same formulas, batched:
    backbone and one of every neighbour tensor (projected ones included),
    laid out so that each *class* -- the items (a transform and the tensors
    it maps) of equal transform type and shapes, e.g. ``conv1`` of
-   ``layer3.{1,3,5}`` -- is a contiguous ``(n, C_out, cols)`` view;
+   ``layer3.{1,3,5}`` -- is a contiguous ``(n, C_out, cols)`` view. For
+   ResNet light layers all norm vectors form one class, zero-padded to
+   the widest (exact: a zero channel adds nothing and gets no gradient).
+   In a training forward of the backbone (:meth:`RepLBackbone.forward`)
+   the neighbour tensors are gathered by :class:`_GatherSources`, which
+   also hands each neighbour block an alias of its own parameter for that
+   forward (:meth:`BatchedSynthesis.shared_sources`): the two gradients of
+   a neighbour parameter (its own use, the synthesis) are then added for
+   all parameters in a few ``foreach`` ops instead of one ``add`` each;
 2. **transform**: one batched call per class, both neighbours in the same
    ops (:meth:`~.transforms.BaseRepLTransform.batched`: 2 ops for the scalar
-   and per-channel mixes, 4 for the low-rank one, whatever ``n``);
+   and per-channel mixes, 4 for the low-rank one, whatever ``n``; the
+   low-rank one has a hand-written backward of 7 ops);
 3. **fold** (ResNet light layer): every norm of every replaced block at
    once, ``s = gamma / sqrt(var + eps)``, ``b = beta - s mu`` over the
-   concatenated vectors, then one ``W * s`` per conv class;
+   concatenated vectors; ``W * s`` inside each conv class's transform
+   call;
 4. **statistics**: each conv updates, in one kernel
    (``torch.batch_norm_update_stats``), running statistics kept in the
    conv's *output* space (mean ``beta``, variance ``s^2 var``: the affine
@@ -127,11 +137,12 @@ class BatchedSynthesis:
                           rep.shapes[tensors[0]]))
         # ResNet light layers: every vector is a norm's weight or bias
         # that is folded into its conv (gathered from the class output by
-        # one index); then vectors of every width share one class: their channels (and
-        # tensor counts) are zero-padded to the largest, which keeps the
-        # result exact (a zero channel has zero coefficients, contributes
-        # nothing to the channel mixing and gets no gradient) for a few
-        # extra KiB instead of one batched call per width
+        # one index); then vectors of every width share one class: their
+        # channels (and tensor counts) are zero-padded to the largest,
+        # which keeps the result exact (a zero channel has zero
+        # coefficients, contributes nothing to the channel mixing and gets
+        # no gradient) for a few extra KiB instead of one batched call per
+        # width
         self.pad_vectors = all(rep.light.kind != 'vit' for rep in self.reps)
         classes = {}
         for item in items:
@@ -206,6 +217,10 @@ class BatchedSynthesis:
             2 * n * _numel(shape)
             for n, _, _, _, _, shapes in self.class_meta for _, shape in shapes
         ]
+        self.param_part_start = [0]
+        for meta in self.class_meta:
+            self.param_part_start.append(self.param_part_start[-1] +
+                                         len(meta[5]))
         self.source_sizes = [
             2 * n * c * cols for n, c, cols, _, _, _ in self.class_meta
         ]
@@ -327,9 +342,10 @@ class BatchedSynthesis:
             torch.cat([s.reshape(-1) for s in sources])
         p_parts = flat_p.split(self.param_sizes)
         s_parts = flat_s.split(self.source_sizes)
-        outs, raw, k = [], [], 0
-        for ci, (n, c, cols, vector, batched, shapes) in enumerate(
-                self.class_meta):
+
+        def run(ci, scale=None):
+            n, c, cols, vector, batched, shapes = self.class_meta[ci]
+            k = self.param_part_start[ci]
             stacked = {}
             for pair, shape in shapes:  # prev side's n, then next side's
                 stacked[pair] = p_parts[k].view((2 * n, ) + shape)
@@ -338,17 +354,22 @@ class BatchedSynthesis:
                 out = batched(stacked,
                               s_parts[ci].view(2 * n, cols, c).transpose(1, 2))
                 # [item, vector, C], each vector its own contiguous piece
-                out = out.transpose(1, 2).reshape(n * cols, c)
-                if not self.pad_vectors:
-                    raw.extend(out.unbind(0))
-            else:
-                out = batched(stacked, s_parts[ci].view(2 * n, c, cols))
-                if ci not in self.fold_slices:
-                    cls = self.classes[ci]
-                    raw.extend(
-                        t.view(item.shape)
-                        for t, item in zip(out.unbind(0), cls))
-            outs.append(out)
+                return out.transpose(1, 2).reshape(n * cols, c)
+            return batched(stacked, s_parts[ci].view(2 * n, c, cols), scale)
+
+        # the classes that are not folded first (the folds need the norms)
+        outs, raw = {}, []
+        for ci, (n, c, cols, vector, _, _) in enumerate(self.class_meta):
+            if ci in self.fold_slices:
+                continue
+            out = outs[ci] = run(ci)
+            if vector and not self.pad_vectors:
+                raw.extend(out.unbind(0))
+            elif not vector:
+                raw.extend(
+                    t.view(item.shape)
+                    for t, item in zip(out.unbind(0) if n > 1 else [out],
+                                       self.classes[ci]))
         if not self.folds:
             return raw, None
         if fold_index is not None:  # one gather: weights, then biases
@@ -357,8 +378,7 @@ class BatchedSynthesis:
         else:
             gamma = torch.cat([raw[i] for i in self.fold_gamma])
             beta = torch.cat([raw[i] for i in self.fold_beta])
-        mean = torch.cat(means)
-        var = torch.cat(variances)
+        mean, var = torch.cat(means + variances).chunk(2)
         if len(set(eps)) == 1:
             scale = gamma * torch.rsqrt(var + eps[0])
         else:
@@ -367,12 +387,15 @@ class BatchedSynthesis:
             scale = gamma * torch.rsqrt(var + e)
         shift = torch.addcmul(beta, mean, scale, value=-1)
         weights = []
+        # the transform and the fold's W * s in one call per conv class
         for (ci, _, n, c), s in zip(self.fold_meta,
                                     scale.split(self.fold_class_sizes)):
-            folded = outs[ci] * s.view(n, c, 1)
+            folded = run(ci, s.view(n, c))
+            # (one item: a view, no stack of one gradient in backward)
             weights.extend(
                 t.view(item.shape)
-                for t, item in zip(folded.unbind(0), self.classes[ci]))
+                for t, item in zip(folded.unbind(0) if n > 1 else [folded],
+                                   self.classes[ci]))
         shifts = shift.split(self.fold_channels)
         return raw, (weights, shifts, scale, shift, beta, var, mean)
 
@@ -518,17 +541,16 @@ class BatchedSynthesis:
         with torch.no_grad():
             s, t = cache.scale.detach(), cache.shift.detach()
             ok = s.abs() > 1e-12
-            inv = torch.where(ok, s, torch.ones_like(s)).reciprocal_()
+            inv = torch.where(ok, s.reciprocal(), 0.)
             mean = torch.where(ok, (cache.aux_mean - t) * inv, cache.mean)
             var = torch.where(ok, cache.aux_var * inv * inv, cache.var)
             sizes = [len(m) for m in cache.means]
             idx = sorted(ran)
-            means = [cache.means[i] for i in idx]
-            variances = [cache.vars[i] for i in idx]
             new_m = mean.split(sizes)
             new_v = var.split(sizes)
-            torch._foreach_copy_(means, [new_m[i] for i in idx])
-            torch._foreach_copy_(variances, [new_v[i] for i in idx])
+            torch._foreach_copy_(
+                [cache.means[i] for i in idx] + [cache.vars[i] for i in idx],
+                [new_m[i] for i in idx] + [new_v[i] for i in idx])
             torch._foreach_add_([cache.counts[i] for i in idx], 1)
 
     def reset(self):

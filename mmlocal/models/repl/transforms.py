@@ -38,12 +38,14 @@ class BaseRepLTransform(nn.Module):
 
     per_block = False
     column_separable = False
-    #: ``batched(params, pn)`` (a classmethod, optional): the same map for
-    #: ``n`` instances at once; ``pn`` is ``(2n, C_out, cols)``, the ``n``
-    #: ``prev`` then the ``n`` ``next`` tensors, and ``params[(x, y)]`` for
-    #: each pair of :attr:`pairs` the ``n`` instances' parameter ``x`` then
-    #: their ``y``, stacked on a new dim 0 (the prev side's parameter, then
-    #: the next side's): both sides are mapped in the same ops
+    #: ``batched(params, pn, scale=None)`` (a classmethod, optional): the
+    #: same map for ``n`` instances at once; ``pn`` is ``(2n, C_out,
+    #: cols)``, the ``n`` ``prev`` then the ``n`` ``next`` tensors, and
+    #: ``params[(x, y)]`` for each pair of :attr:`pairs` the ``n``
+    #: instances' parameter ``x`` then their ``y``, stacked on a new dim 0
+    #: (the prev side's parameter, then the next side's): both sides are
+    #: mapped in the same ops; ``scale`` ``(n, C_out)``, if given,
+    #: multiplies each output row (a norm folded into its conv)
     batched = None
     #: parameter pairs ``(prev side, next side)`` of :attr:`batched`
     pairs = ()
@@ -94,10 +96,11 @@ class RepLScalarMix(BaseRepLTransform):
     pairs = (('a', 'b'), )
 
     @classmethod
-    def batched(cls, params, pn):
+    def batched(cls, params, pn, scale=None):
         n2 = pn.shape[0]
         both = params[('a', 'b')].view(n2, 1, 1) * pn
-        return both.view((2, n2 // 2) + pn.shape[1:]).sum(0)
+        out = both.view((2, n2 // 2) + pn.shape[1:]).sum(0)
+        return out if scale is None else out * scale.unsqueeze(-1)
 
 
 @MODELS.register_module()
@@ -135,9 +138,10 @@ class RepLChannelMix(BaseRepLTransform):
     pairs = (('a', 'b'), )
 
     @classmethod
-    def batched(cls, params, pn):
+    def batched(cls, params, pn, scale=None):
         both = params[('a', 'b')][..., None] * pn
-        return both.view((2, pn.shape[0] // 2) + pn.shape[1:]).sum(0)
+        out = both.view((2, pn.shape[0] // 2) + pn.shape[1:]).sum(0)
+        return out if scale is None else out * scale.unsqueeze(-1)
 
 
 @MODELS.register_module()
@@ -197,13 +201,69 @@ class RepLLowRankMix(BaseRepLTransform):
     pairs = (('a', 'b'), ('u_a', 'u_b'), ('v_a', 'v_b'))
 
     @classmethod
-    def batched(cls, params, pn):
+    def batched(cls, params, pn, scale=None):
         # [A W- ; B W+] = diag-part + U (V^T W) for both sides in one
         # bmm each, then the two sides summed: 4 ops for n instances
-        low = params[('v_a', 'v_b')].transpose(1, 2) @ pn
-        both = torch.baddbmm(params[('a', 'b')][..., None] * pn,
-                             params[('u_a', 'u_b')], low)
-        return both.view((2, pn.shape[0] // 2) + pn.shape[1:]).sum(0)
+        # forward, 7 backward (_LowRankBatched)
+        return _LowRankBatched.apply(params[('a', 'b')],
+                                     params[('u_a', 'u_b')],
+                                     params[('v_a', 'v_b')], pn, scale)
+
+
+class _LowRankBatched(torch.autograd.Function):
+    """:meth:`RepLLowRankMix.batched` with a hand-written backward.
+
+    ``ab`` ``(2n, C)``, ``u`` and ``v`` ``(2n, C, r)``, ``pn`` ``(2n, C,
+    cols)`` (the ``n`` prev-side items, then the ``n`` next-side ones),
+    ``scale`` ``(n, C)`` or None. Returns ``scale * (A_i W_i^- + B_i
+    W_i^+)``, ``(n, C, cols)``. Autograd through the same ops launches 11
+    kernels in backward, 14 with the scale (a norm folded into the conv);
+    this backward computes the same gradients in 7 (8): the output gradient
+    is expanded to both sides once (scaled in the same op), every product
+    is one batched matrix product, and the gradient of the diagonal
+    coefficients is a batch of dot products.
+    """
+
+    @staticmethod
+    def forward(ctx, ab, u, v, pn, scale):
+        n = pn.shape[0] // 2
+        low_t = torch.bmm(pn.transpose(1, 2), v)  # (2n, cols, r)
+        both = torch.baddbmm(ab.unsqueeze(-1) * pn, u, low_t.transpose(1, 2))
+        out = torch.add(both[:n], both[n:])
+        if scale is None:
+            ctx.save_for_backward(ab, u, v, pn, low_t)
+            return out
+        ctx.save_for_backward(ab, u, v, pn, low_t, scale, out)
+        return out * scale.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ab, u, v, pn, low_t, *rest = ctx.saved_tensors
+        n2, c, cols = pn.shape
+        both = grad.unsqueeze(0).expand((2, ) + grad.shape)
+        grad_scale = None
+        if rest:
+            scale, out = rest
+            g2 = both * scale.unsqueeze(-1)  # (2, n, C, cols)
+            if ctx.needs_input_grad[4]:  # sum_j g * out, per (item, C)
+                grad_scale = torch.bmm(
+                    grad.reshape(-1, 1, cols),
+                    out.reshape(-1, cols, 1)).view(scale.shape)
+        else:
+            g2 = both.contiguous()
+        g2 = g2.view(n2, c, cols)
+        grad_ab = grad_u = grad_v = grad_pn = None
+        if ctx.needs_input_grad[1]:
+            grad_u = torch.bmm(g2, low_t)
+        grad_low = torch.bmm(u.transpose(1, 2), g2)  # (2n, r, cols)
+        if ctx.needs_input_grad[2]:
+            grad_v = torch.bmm(pn, grad_low.transpose(1, 2))
+        if ctx.needs_input_grad[3]:
+            grad_pn = torch.baddbmm(ab.unsqueeze(-1) * g2, v, grad_low)
+        if ctx.needs_input_grad[0]:  # sum_j g * W, per (side, item, C)
+            grad_ab = torch.bmm(g2.view(-1, 1, cols),
+                                pn.reshape(-1, cols, 1)).view(ab.shape)
+        return grad_ab, grad_u, grad_v, grad_pn, grad_scale
 
 
 def _pair_of_floats(value, option, owner):
