@@ -7,7 +7,8 @@ import torch
 
 from mmlocal.registry import MODELS
 from .infopro import InfoProAux
-from .pff import grouped_batch_norm, iter_patches, stack_patches
+from .pff import (grouped_batch_norm, iter_patches, release_patch_layouts,
+                  stack_patches)
 
 
 class LocalLogs(dict):
@@ -334,6 +335,18 @@ class CascadeLocalAux(InfoProAux):
         Returns:
             dict[str, Tensor]: Detached weighted loss terms (for logging).
         """
+        try:
+            return self._backward_streams(h_independent, h_cascade, inputs,
+                                          data_samples, backward,
+                                          forward_context)
+        finally:
+            if self.index == self.num_modules - 2:
+                # the last aux net of the batch: its patch layouts (shared
+                # by the modules, pff._LAYOUTS) are not needed any more
+                release_patch_layouts(inputs)
+
+    def _backward_streams(self, h_independent, h_cascade, inputs,
+                          data_samples, backward, forward_context):
         with forward_context():
             independent = self.independent_loss(h_independent, inputs,
                                                 data_samples)

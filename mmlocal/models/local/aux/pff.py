@@ -12,6 +12,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def grid_slices(size, grid, remainder='error', what='feature map'):
@@ -224,6 +225,54 @@ def crop_seg_sample(sample, y0, y1, x0, x1):
     return _crop_fields(sample, out, y0, y1, x0, x1, min_size=2)
 
 
+# per batch (the preprocessed inputs, while they live): the patch layout
+# of each grid geometry (cropped samples, stacked image patches), shared by
+# the aux nets whose inputs have the same size and stride (e.g. HPFF's
+# modules at one stride): made once, and the same image patches also share
+# their reconstruction targets (BaseLocalAux.recon_inputs)
+_LAYOUTS = WeakIdKeyDictionary()
+
+
+def _per_batch(inputs, data_samples, key, make):
+    """``make()`` once per ``inputs`` tensor, ``data_samples`` list and
+    ``key``."""
+    per_batch = _LAYOUTS.get(inputs)
+    if per_batch is None:
+        per_batch = _LAYOUTS[inputs] = {}
+    key = (id(data_samples), ) + key
+    if key not in per_batch:  # (data_samples kept: its id stays valid)
+        per_batch[key] = (data_samples, make())
+    return per_batch[key][1]
+
+
+def release_patch_layouts(inputs):
+    """Drop the layouts of the batch ``inputs`` (its image patches would
+    otherwise live as long as ``inputs``)."""
+    _LAYOUTS.pop(inputs, None)
+
+
+def _grid(h, inputs, grid, stride, remainder):
+    """Row and column ranges of the feature map and the image pixels
+    ``(y0, y1, x0, x1)`` of every patch, row-major."""
+    height, width = h.shape[-2:]
+    in_h, in_w = inputs.shape[-2:]
+    rows = grid_slices(height, grid, remainder, f'aux input height '
+                       f'({height}x{width})')
+    cols = grid_slices(width, grid, remainder, f'aux input width '
+                       f'({height}x{width})')
+    pixels = [(r0 * stride, min(r1 * stride, in_h), c0 * stride,
+               min(c1 * stride, in_w)) for r0, r1 in rows for c0, c1 in cols]
+    return rows, cols, pixels
+
+
+def _crops(data_samples, pixels, task):
+    """Per sample, its crops of the regions ``pixels`` (the boxes of all
+    regions at once)."""
+    if task == 'det':
+        return [crop_det_samples(s, pixels) for s in data_samples]
+    return [[crop_seg_sample(s, *p) for p in pixels] for s in data_samples]
+
+
 def iter_patches(h, inputs, data_samples, grid, stride, task,
                  remainder='error'):
     """Yield ``(h_patch, inputs_patch, samples_patch)`` over a P x P grid.
@@ -241,20 +290,13 @@ def iter_patches(h, inputs, data_samples, grid, stride, task,
     ``(i, j)`` covers pixels ``[r0 * stride, min(r1 * stride, H_in))`` and
     likewise for columns. ``h_patch`` is a view of ``h``: a backward pass
     through it accumulates into ``h.grad`` (a leaf in the cascade engine).
+    The cropped samples are made once per batch and geometry (shared by
+    every call with the same ``inputs``, ``data_samples`` and grid).
     """
-    height, width = h.shape[-2:]
-    in_h, in_w = inputs.shape[-2:]
-    rows = grid_slices(height, grid, remainder, f'aux input height '
-                       f'({height}x{width})')
-    cols = grid_slices(width, grid, remainder, f'aux input width '
-                       f'({height}x{width})')
-    pixels = [(r0 * stride, min(r1 * stride, in_h), c0 * stride,
-               min(c1 * stride, in_w)) for r0, r1 in rows for c0, c1 in cols]
-    if task == 'det':  # the boxes of all patches at once
-        crops = [crop_det_samples(s, pixels) for s in data_samples]
-    else:
-        crops = [[crop_seg_sample(s, *p) for p in pixels]
-                 for s in data_samples]
+    rows, cols, pixels = _grid(h, inputs, grid, stride, remainder)
+    crops = _per_batch(
+        inputs, data_samples, ('iter', tuple(pixels), task),
+        lambda: _crops(data_samples, pixels, task))
     index = 0
     for r0, r1 in rows:
         for c0, c1 in cols:
@@ -262,6 +304,51 @@ def iter_patches(h, inputs, data_samples, grid, stride, task,
             yield (h[..., r0:r1, c0:c1], inputs[..., y0:y1, x0:x1],
                    [per_sample[index] for per_sample in crops])
             index += 1
+
+
+def _even(h, inputs, grid, stride):
+    """The grid divides the feature map and the input is ``stride`` times
+    it: all patches have one size."""
+    height, width = h.shape[-2:]
+    in_h, in_w = inputs.shape[-2:]
+    return not (height % grid or width % grid or in_h != height * stride
+                or in_w != width * stride)
+
+
+def _split(x, grid, ph, pw):
+    """``(N, C, P*ph, P*pw)`` -> ``(N*P*P, C, ph, pw)``, sample-major."""
+    n, c = x.shape[:2]
+    x = x.reshape(n, c, grid, ph, grid, pw)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(n * grid * grid, c, ph, pw)
+
+
+def _stack_layout(h, inputs, data_samples, grid, stride, task, remainder):
+    """What :func:`stack_patches` shares across calls: per stack, its
+    feature ranges ``(r0, r1, c0, c1)``, stacked image patches and
+    cropped samples (all regions of all stacks cropped at once)."""
+    rows, cols, pixels = _grid(h, inputs, grid, stride, remainder)
+    regions = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
+    crops = _crops(data_samples, pixels, task)
+    if _even(h, inputs, grid, stride):
+        ph, pw = h.shape[-2] // grid, h.shape[-1] // grid
+        groups = [list(range(len(regions)))]
+        images = [_split(inputs, grid, ph * stride, pw * stride)]
+    else:  # patches of up to 4 sizes: one stack per size
+        by_size = {}
+        for i, (y0, y1, x0, x1) in enumerate(pixels):
+            r0, r1, c0, c1 = regions[i]
+            by_size.setdefault((r1 - r0, c1 - c0, y1 - y0, x1 - x0),
+                               []).append(i)
+        groups = list(by_size.values())
+        images = [
+            torch.stack([
+                inputs[..., y0:y1, x0:x1]
+                for y0, y1, x0, x1 in (pixels[i] for i in group)
+            ], 1).flatten(0, 1) for group in groups
+        ]
+    return [([regions[i] for i in group], inputs_b,
+             [per_sample[i] for per_sample in crops for i in group])
+            for group, inputs_b in zip(groups, images)]
 
 
 def stack_patches(h, inputs, data_samples, grid, stride, task,
@@ -281,57 +368,24 @@ def stack_patches(h, inputs, data_samples, grid, stride, task,
         patches (one reshape copy each for ``h`` and ``inputs``); an uneven
         one up to four (``'uneven'``: two row and two column lengths).
         ``h_b`` is attached to ``h``: a backward through it accumulates
-        into ``h.grad``.
+        into ``h.grad``. ``inputs_b`` and ``samples_b`` are made once per
+        batch and geometry (shared by every call with the same
+        ``inputs``, ``data_samples`` and grid).
     """
     height, width = h.shape[-2:]
-    in_h, in_w = inputs.shape[-2:]
-    rows = grid_slices(height, grid, remainder, f'aux input height '
-                       f'({height}x{width})')
-    cols = grid_slices(width, grid, remainder, f'aux input width '
-                       f'({height}x{width})')
-    n = h.shape[0]
-    if not (height % grid or width % grid or in_h != height * stride
-            or in_w != width * stride):
-
-        def split(x, ph, pw):
-            c = x.shape[1]
-            x = x.reshape(n, c, grid, ph, grid, pw)
-            return x.permute(0, 2, 4, 1, 3, 5).reshape(
-                n * grid * grid, c, ph, pw)
-
-        ph, pw = height // grid, width // grid
-        regions = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
-        stacks = [(split(h, ph, pw), split(inputs, ph * stride,
-                                           pw * stride), regions)]
-    else:  # patches of up to 4 sizes: stack each size
-        by_size = {}
-        for r0, r1 in rows:
-            y0, y1 = r0 * stride, min(r1 * stride, in_h)
-            for c0, c1 in cols:
-                x0, x1 = c0 * stride, min(c1 * stride, in_w)
-                key = (r1 - r0, c1 - c0, y1 - y0, x1 - x0)
-                by_size.setdefault(key, []).append((r0, r1, c0, c1))
-        stacks = []
-        for regions in by_size.values():
-            hs, xs = [], []
-            for r0, r1, c0, c1 in regions:
-                hs.append(h[..., r0:r1, c0:c1])
-                xs.append(inputs[..., r0 * stride:min(r1 * stride, in_h),
-                                 c0 * stride:min(c1 * stride, in_w)])
-            stacks.append((torch.stack(hs, 1).flatten(0, 1),
-                           torch.stack(xs, 1).flatten(0, 1), regions))
-    out = []
-    for h_b, inputs_b, regions in stacks:
-        pixels = [(r0 * stride, min(r1 * stride, in_h), c0 * stride,
-                   min(c1 * stride, in_w)) for r0, r1, c0, c1 in regions]
-        samples_b = []
-        for sample in data_samples:
-            if task == 'det':
-                samples_b += crop_det_samples(sample, pixels)
-            else:
-                samples_b += [crop_seg_sample(sample, *p) for p in pixels]
-        out.append((h_b, inputs_b, samples_b, len(regions)))
-    return out
+    layout = _per_batch(
+        inputs, data_samples,
+        ('stack', height, width, grid, stride, task, remainder),
+        lambda: _stack_layout(h, inputs, data_samples, grid, stride, task,
+                              remainder))
+    if _even(h, inputs, grid, stride):
+        (regions, inputs_b, samples_b), = layout
+        return [(_split(h, grid, height // grid, width // grid), inputs_b,
+                 samples_b, len(regions))]
+    return [(torch.stack([h[..., r0:r1, c0:c1]
+                          for r0, r1, c0, c1 in regions], 1).flatten(0, 1),
+             inputs_b, samples_b, len(regions))
+            for regions, inputs_b, samples_b in layout]
 
 
 def _grouped_bn_forward(bn, groups, x):
@@ -349,7 +403,41 @@ def _grouped_bn_forward(bn, groups, x):
     out = F.batch_norm(xg, None, None, weight, bias, True, 0.0, bn.eps)
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, xg.detach(), groups)
-    return out.view_as(x)
+    # back to x's shape, not as a view: the in-place ReLU that follows
+    # would make autograd copy the view's slices in the backward (five
+    # more kernels per layer). Safe: nothing saved for the backward holds
+    # `out` (batch_norm saves its input and statistics)
+    return torch.ops.aten._unsafe_view(out, x.shape)
+
+
+# running-statistics coefficients of grouped_batch_norm, per (momentum,
+# groups, device, dtype): made once instead of a host-to-device copy per
+# layer and step
+_COEFS = {}
+
+
+def _running_coefs(bn, groups, like):
+    """``(a, c)`` with ``r_G = a r_0 + sum_p c_p s_p`` for ``groups``
+    successive updates ``r <- (1 - f_p) r + f_p s_p`` (``f_p`` the
+    momentum, or ``1 / num_batches_tracked`` with ``momentum=None``);
+    ``c`` a tensor like ``like``."""
+    if bn.momentum is None:
+        seen = int(bn.num_batches_tracked)
+        factors = [1.0 / (seen + p + 1) for p in range(groups)]
+    else:
+        factors = [bn.momentum] * groups
+    keep = 1.0
+    coefs = [0.0] * groups
+    for p in reversed(range(groups)):
+        coefs[p] = factors[p] * keep
+        keep *= 1 - factors[p]
+    key = (tuple(coefs), like.device, like.dtype)
+    coef = _COEFS.get(key)
+    if coef is None:
+        coef = torch.tensor(coefs, dtype=like.dtype, device=like.device)
+        if bn.momentum is not None:
+            _COEFS[key] = coef
+    return keep, coef
 
 
 @torch.no_grad()
@@ -357,26 +445,16 @@ def _update_running_stats(bn, xg, groups):
     """Running statistics as ``groups`` successive BN calls leave them:
     ``r <- (1 - f_p) r + f_p s_p`` for ``p = 0..G-1`` (``f_p`` the momentum,
     or ``1 / num_batches_tracked`` with ``momentum=None``), in closed form
-    ``r_G = a r_0 + sum_p c_p s_p``."""
+    ``r_G = a r_0 + sum_p c_p s_p``: one ``addmv_`` per buffer."""
     dims = [0] + list(range(2, xg.dim()))
     var, mean = torch.var_mean(xg, dim=dims, correction=1)
-    factors = []
-    for p in range(groups):
-        if bn.momentum is None:
-            factors.append(1.0 / (int(bn.num_batches_tracked) + p + 1))
-        else:
-            factors.append(bn.momentum)
-    keep = 1.0
-    coefs = [0.0] * groups
-    for p in reversed(range(groups)):
-        coefs[p] = factors[p] * keep
-        keep *= 1 - factors[p]
-    coef = torch.tensor(coefs, dtype=mean.dtype, device=mean.device)
     c = bn.running_mean.numel()
-    bn.running_mean.mul_(keep).add_(
-        (coef @ mean.view(groups, c)).to(bn.running_mean.dtype))
-    bn.running_var.mul_(keep).add_(
-        (coef @ var.view(groups, c)).to(bn.running_var.dtype))
+    dtype = bn.running_mean.dtype
+    keep, coef = _running_coefs(bn, groups, bn.running_mean)
+    bn.running_mean.addmv_(mean.view(groups, c).t().to(dtype), coef,
+                           beta=keep)
+    bn.running_var.addmv_(var.view(groups, c).t().to(dtype), coef,
+                          beta=keep)
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(groups)
 
