@@ -165,13 +165,15 @@ def test_anchors_cached_per_shape():
     aux.loss(y, None, samples)
     cache = aux._anchor_cache
     # one anchor set, one valid-flag set per distinct pad shape (3 here)
-    # and their stack for this batch
-    assert len(cache) == 1 + len(SHAPES) + 1
+    # and their stack for this batch (and the box index of assign)
+    shaped = [k for k in cache if k[0] != 'box index']
+    assert len(shaped) == 1 + len(SHAPES) + 1
     first = dict(cache)
     aux.loss(y, None, samples)
     assert all(cache[k] is v for k, v in first.items())  # reused
     aux.loss(torch.randn(3, 8, 10, 16), None, samples)  # other feature size
-    assert len(cache) == 2 * (1 + len(SHAPES) + 1)
+    shaped = [k for k in cache if k[0] != 'box index']
+    assert len(shaped) == 2 * (1 + len(SHAPES) + 1)
     for _ in range(20):  # bounded
         aux.loss(torch.randn(1, 8, 4 + _, 16), None, samples[:1])
     assert len(cache) <= 32
@@ -263,9 +265,13 @@ def test_shared_targets_one_pass_and_fallbacks(monkeypatch):
     group.begin(samples)
     got = [group.targets(a, _sizes(a), samples, 'cpu') for a in heads]
     assert calls == [4] and all(g is not None for g in got)
+    # the aux heads take weights divided by their normaliser
+    assert all(a.normalised_targets for a in heads)
     alone = anchor_targets(heads[2].head, _sizes(heads[2]),
                            [s.gt_instances for s in samples],
-                           [s.metainfo for s in samples], 'cpu')
+                           [s.metainfo for s in samples], 'cpu',
+                           normalise=True)
+    assert got[2][5] is None and alone[5] is None
     for kind in range(1, 5):
         for a, b in zip(got[2][kind], alone[kind]):
             assert torch.equal(a, b)

@@ -13,8 +13,9 @@ from mmseg.models.losses import CrossEntropyLoss
 
 from local_utils import (TINY_FCN, TINY_RETINANET, HostReads, det_batch,
                          seg_batch, small_aux)
-from mmlocal.models.losses import (SyncFreeCrossEntropyLoss, SyncFreeL1Loss,
-                                   SyncFreeSmoothL1Loss, sync_free_loss)
+from mmlocal.models.losses.sync_free_losses import (
+    FusedFocalLoss, SyncFreeCrossEntropyLoss, SyncFreeL1Loss,
+    SyncFreeSmoothL1Loss, sync_free_loss)
 from mmlocal.registry import MODELS
 from conftest import REPO
 from test_local_learner import build
@@ -173,3 +174,83 @@ def test_aux_heads_use_the_twins():
         'SyncFreeCrossEntropyLoss', 'DiceLoss'
     ]
     assert type(det.head.loss_bbox) is SyncFreeL1Loss
+    assert type(det.head.loss_cls) is FusedFocalLoss and det.normalised_targets
+
+
+@pytest.fixture
+def cpu_focal_kernel(monkeypatch):
+    """mmcv's fused focal-loss kernels on the CPU (the stand-in of
+    tools/device/mmcv_ext_stub.py), taken by FusedFocalLoss as on CUDA."""
+    from mmlocal.models.losses import sync_free_losses
+    calls = []
+    real = sync_free_losses.WeightedFocalSum.apply
+
+    def apply(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(sync_free_losses, 'focal_kernel_runs',
+                        lambda pred: True)
+    monkeypatch.setattr(sync_free_losses.WeightedFocalSum, 'apply', apply)
+    with cuda_like_focal_loss(True):
+        yield calls
+
+
+@pytest.mark.parametrize('loss_weight', [1.0, 2.0])
+def test_fused_focal_sum_equals_mmdet_mean(cpu_focal_kernel, loss_weight):
+    """mmcv's kernels + one weighted sum, with weights divided by
+    avg_factor + eps, give mmdet's mean over avg_factor (CPU path)."""
+    from mmdet.models.losses import FocalLoss
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(500, 6, generator=g)
+    target = torch.randint(0, 7, (500, ), generator=g)  # 6: background
+    weight = (torch.rand(500, generator=g) > 0.2).float()
+    avg = torch.tensor(37.)
+    eps = torch.finfo(torch.float32).eps
+    fused = FusedFocalLoss(loss_weight=loss_weight)
+    value, grad, _ = _run(fused, pred, target, weight / (avg + eps),
+                          reduction_override='sum')
+    assert cpu_focal_kernel == [1]
+    with cuda_like_focal_loss(False):  # mmdet's own CPU path
+        ref, ref_grad, _ = _run(FocalLoss(loss_weight=loss_weight), pred,
+                                target, weight, avg_factor=avg)
+    torch.testing.assert_close(value, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
+    # any other call is mmdet's
+    fused(pred, target, weight, avg_factor=avg)
+    assert cpu_focal_kernel == [1]
+
+
+@pytest.mark.parametrize('style,levels', [('mmlocal', 2), ('reference', 1)])
+def test_aux_head_fused_losses_equal_mmdet(cpu_focal_kernel, style, levels):
+    """DetAuxHead's normalised targets, summed by the fused focal loss and
+    the box loss, give mmdet's losses and gradients (1e-6)."""
+    from mmengine.registry import init_default_scope
+    from mmlocal.models.local.heads import DetAuxHead
+    from test_anchor_targets import NUM_CLASSES, _samples
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    aux = DetAuxHead(in_channels=8, stride=8, num_classes=NUM_CLASSES,
+                     feat_channels=16, style=style, num_levels=levels)
+    assert aux.normalised_targets
+    samples = _samples(seed=1)
+    y = torch.randn(3, 8, 12, 16)
+    results = []
+    for batched in (True, False):
+        aux.batched_targets = batched
+        x = y.clone().requires_grad_()
+        if batched:
+            losses = aux.loss(x, None, samples)
+        else:  # mmdet's loss_by_feat, its own CPU focal loss
+            with cuda_like_focal_loss(False):
+                losses = aux.loss(x, None, samples)
+        total = sum(losses.values())
+        results.append((losses, torch.autograd.grad(
+            total, [x] + list(aux.parameters()))))
+    assert len(cpu_focal_kernel) == len(aux.strides)
+    (losses, grads), (ref, ref_grads) = results
+    for k in ('loss_cls', 'loss_bbox'):
+        assert ref[k] > 0
+        torch.testing.assert_close(losses[k], ref[k], rtol=1e-6, atol=1e-7)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

@@ -110,10 +110,18 @@ def fused_focal_kernels(counter, enabled=True):
     """``--cuda-like-focal-loss`` runs mmcv's fused sigmoid focal loss
     kernels as PyTorch code on the CPU (``tools/device/mmcv_ext_stub.py``:
     about 15 ops per 32k rows, forward and backward); count each call as
-    the one kernel it is on CUDA."""
+    the one kernel it is on CUDA. The aux heads' ``FusedFocalLoss``, which
+    calls these kernels itself where they run (CUDA), calls them here too
+    (``sync_free_losses.focal_kernel_runs``), as on a GPU."""
     if not enabled:
         yield
         return
+    # the aux heads' FusedFocalLoss takes mmcv's kernels where they run
+    # (CUDA): here too, where the CPU stand-in provides them
+    from mmlocal.models.losses import sync_free_losses
+    kernel_runs = sync_free_losses.focal_kernel_runs
+    sync_free_losses.focal_kernel_runs = \
+        lambda pred: pred.device.type == 'cpu' or kernel_runs(pred)
     stub = cuda_like_focal_loss_module._stub_module()
     names = ('sigmoid_focal_loss_forward', 'sigmoid_focal_loss_backward')
     saved = {n: getattr(stub, n) for n in names}
@@ -131,6 +139,7 @@ def fused_focal_kernels(counter, enabled=True):
     finally:
         for n in names:
             setattr(stub, n, saved[n])
+        sync_free_losses.focal_kernel_runs = kernel_runs
 
 
 def _matches(name, pattern):

@@ -33,11 +33,25 @@ mean over non-ignored pixels, as PyTorch's ``ignore_index`` mean) counts
 them with ``.item()``; :class:`SyncFreeCrossEntropyLoss` passes the same
 count as a tensor ``avg_factor`` (mmseg divides by ``avg_factor + eps``
 either way). Only the softmax criterion without class weights is changed.
+
+**Focal loss summed over weighted rows.** :class:`FusedFocalLoss` is
+``mmdet.FocalLoss`` that, for ``reduction='sum'`` with per-row weights and
+no ``avg_factor`` where mmcv's fused kernel runs (CUDA), computes
+``loss_weight * sum_i w_i sum_c FL(x_ic, t_i)`` with that kernel and one
+weighted sum (:class:`WeightedFocalSum`): no zero-filled output, no
+``1.0 *`` for a unit ``loss_weight``; backward is the kernel and one
+scaling. ``DetAuxHead`` passes weights already divided by the
+normaliser (``avg_factor + eps``), so the loss is mmdet's ``mean`` with
+``avg_factor`` up to the rounding of the division. Every other call
+(CPU, one-hot targets, other reductions) is mmdet's.
 """
-from mmdet.models.losses import L1Loss, SmoothL1Loss
+import mmcv.ops.focal_loss as mmcv_focal
+import torch
+from mmdet.models.losses import FocalLoss, L1Loss, SmoothL1Loss
 from mmdet.models.losses.smooth_l1_loss import l1_loss, smooth_l1_loss
 from mmseg.models.losses import CrossEntropyLoss
 from mmseg.models.losses.cross_entropy_loss import cross_entropy
+from torch.autograd.function import once_differentiable
 
 from mmlocal.registry import MODELS
 
@@ -109,11 +123,79 @@ class SyncFreeCrossEntropyLoss(CrossEntropyLoss):
                                reduction_override, ignore_index, **kwargs)
 
 
+def focal_kernel_runs(pred):
+    """mmcv's fused sigmoid focal-loss kernel runs for ``pred``: mmdet's
+    own condition (``FocalLoss`` takes it on CUDA only).
+    ``tools/analysis/count_ops.py --cuda-like-focal-loss`` extends it to
+    the CPU, where it provides the kernel."""
+    return torch.cuda.is_available() and pred.is_cuda
+
+
+class WeightedFocalSum(torch.autograd.Function):
+    """``sum_i weight_i * sum_c FL(pred_ic, target_i)`` with mmcv's fused
+    sigmoid focal-loss kernels (``ext_module``).
+
+    Forward: the kernel (it writes every element, so its output is not
+    zero-filled first, unlike mmcv's ``SigmoidFocalLossFunction``) and the
+    weighted sum; backward: the kernel and one scaling by
+    ``weight * grad``. Same values as ``mmcv.ops.sigmoid_focal_loss(...,
+    reduction='none')`` weighted and summed, as mmdet does.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, target, weight, gamma, alpha):
+        ext = mmcv_focal.ext_module
+        loss = pred.new_empty(pred.shape)
+        ext.sigmoid_focal_loss_forward(pred, target, pred.new_empty(0), loss,
+                                       gamma=gamma, alpha=alpha)
+        ctx.save_for_backward(pred, target, weight)
+        ctx.gamma, ctx.alpha = gamma, alpha
+        return (loss * weight[:, None]).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        pred, target, weight = ctx.saved_tensors
+        grad_pred = pred.new_empty(pred.shape)
+        mmcv_focal.ext_module.sigmoid_focal_loss_backward(
+            pred, target, pred.new_empty(0), grad_pred, gamma=ctx.gamma,
+            alpha=ctx.alpha)
+        grad_pred *= (weight * grad)[:, None]
+        return grad_pred, None, None, None, None
+
+
+@MODELS.register_module()
+class FusedFocalLoss(FocalLoss):
+    """``mmdet.FocalLoss``; a weighted sum where mmcv's kernel runs takes
+    :class:`WeightedFocalSum` (same value and gradient; see the module
+    docstring)."""
+
+    def forward(self, pred, target, weight=None, avg_factor=None,
+                reduction_override=None):
+        reduction = _reduction(self, reduction_override)
+        if (reduction == 'sum' and avg_factor is None and weight is not None
+                and self.use_sigmoid and not self.activated
+                and pred.dim() == 2 and target.dim() == 1
+                and weight.dim() == 1 and target.dtype == torch.long
+                and focal_kernel_runs(pred)):
+            return _weighted(self.loss_weight, WeightedFocalSum.apply(
+                pred.contiguous(), target.contiguous(), weight,
+                float(self.gamma), float(self.alpha)))
+        return super().forward(pred, target, weight, avg_factor,
+                               reduction_override)
+
+
 def sync_free_loss(loss):
     """The sync-free twin of a stock mmdet ``L1Loss``/``SmoothL1Loss`` or
-    mmseg ``CrossEntropyLoss`` instance (same settings); any other loss is
+    mmseg ``CrossEntropyLoss`` instance (same settings), or the
+    :class:`FusedFocalLoss` of a stock ``FocalLoss``; any other loss is
     returned unchanged."""
-    if type(loss) is L1Loss:
+    if type(loss) is FocalLoss:
+        twin = FusedFocalLoss(
+            use_sigmoid=loss.use_sigmoid, gamma=loss.gamma, alpha=loss.alpha,
+            reduction=loss.reduction, loss_weight=loss.loss_weight,
+            activated=loss.activated)
+    elif type(loss) is L1Loss:
         twin = SyncFreeL1Loss(reduction=loss.reduction,
                               loss_weight=loss.loss_weight)
     elif type(loss) is SmoothL1Loss:

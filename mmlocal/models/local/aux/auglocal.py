@@ -4,7 +4,7 @@ import torch.nn as nn
 from mmcv.cnn import ConvModule
 
 from mmlocal.registry import MODELS
-from .base import BaseLocalAux
+from .base import BaseLocalAux, reset_parameters
 
 STAGE_TRANSITIONS = ('entry_block', 'adapter')
 
@@ -157,13 +157,6 @@ def build_block_stack(seq, plan):
     :func:`plan_block_stack`, and its output ``(channels, stride)``."""
     return nn.Sequential(*(build_layer(seq, item) for item in plan)), \
         stack_output(seq, plan)
-
-
-def reset_parameters(module):
-    """Fresh weights for every submodule that can reset itself."""
-    for m in module.modules():
-        if m is not module and hasattr(m, 'reset_parameters'):
-            m.reset_parameters()
 
 
 def block_sequence_of(module_info):

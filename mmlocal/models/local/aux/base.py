@@ -5,8 +5,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
-from torch.utils.weak import WeakIdKeyDictionary
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mmlocal.registry import MODELS
 from mmlocal.utils.compile import CompiledMethods, check_compile_option
@@ -51,6 +52,60 @@ class LocalModuleInfo:
     img_std: Optional[torch.Tensor] = None
     ignore_index: int = 255
     extra: dict = field(default_factory=dict)
+
+
+def _drop_counter_on_load(module, state_dict, prefix, *args):
+    """A BN layer without step counter ignores one in a checkpoint (older
+    checkpoints have it; ``_NormBase`` also adds one to a state dict
+    whose metadata is older than version 2, before this hook runs)."""
+    state_dict.pop(prefix + 'num_batches_tracked', None)
+
+
+def drop_bn_step_counters(module, keep=None):
+    """Remove the ``num_batches_tracked`` step counter of every BN layer of
+    ``module`` that has a ``momentum`` (a layer with ``momentum=None``
+    averages with ``1 / num_batches_tracked`` and keeps it).
+
+    The counter is read only where ``momentum`` is None; otherwise it is
+    a step count nobody uses, and incrementing it costs one kernel per BN
+    layer and training forward (``num_batches_tracked.add_(1)``). An aux
+    net is training-only, so its BN layers need no such count. The state
+    dict loses the ``*.num_batches_tracked`` keys of these layers;
+    checkpoints that have them still load (strict too): the key is
+    dropped on load. ``keep``: a submodule whose layers keep theirs (a
+    momentum copy, which mirrors its source's buffers).
+    """
+    kept = set() if keep is None else {id(m) for m in keep.modules()}
+    for m in module.modules():
+        if id(m) not in kept and isinstance(m, _BatchNorm) and m.track_running_stats and \
+                m.momentum is not None and m.num_batches_tracked is not None:
+            m.num_batches_tracked = None
+            m.register_load_state_dict_pre_hook(_drop_counter_on_load)
+
+
+def reset_norm(bn):
+    """``bn.reset_parameters()``, also for a BN layer without step counter
+    (:func:`drop_bn_step_counters`; ``reset_running_stats`` needs it)."""
+    if bn.num_batches_tracked is not None or not bn.track_running_stats:
+        bn.reset_parameters()
+        return
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1)
+    if bn.affine:
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+
+
+def reset_parameters(module):
+    """``reset_parameters()`` of every submodule of ``module`` that has one
+    (BN layers through :func:`reset_norm`)."""
+    for m in module.modules():
+        if m is module or not hasattr(m, 'reset_parameters'):
+            continue
+        if isinstance(m, _BatchNorm):
+            reset_norm(m)
+        else:
+            m.reset_parameters()
 
 
 def interpolate_weight(weight, index, num_modules):
@@ -172,6 +227,10 @@ class BaseLocalAux(BaseModule):
             rcfg.update(copy.deepcopy(recon or {}))
             rcfg.setdefault('compile', compile)
             self.recon = MODELS.build(rcfg)
+        # training-only BN layers: no step counter (one kernel fewer each
+        # per step; see drop_bn_step_counters); a momentum copy (MAN's
+        # EMA) keeps its source's buffers
+        drop_bn_step_counters(self, keep=getattr(self, 'ema', None))
 
     # -- what a family changes -------------------------------------------
     def build_transform(self, module_info):

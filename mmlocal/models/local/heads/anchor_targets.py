@@ -41,7 +41,7 @@ from mmdet.models.dense_heads import AnchorHead
 from mmdet.models.task_modules.assigners import BboxOverlaps2D, MaxIoUAssigner
 from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
 from mmdet.models.task_modules.samplers import PseudoSampler
-from mmdet.structures.bbox import bbox_overlaps, get_box_tensor
+from mmdet.structures.bbox import get_box_tensor
 
 
 def unsupported_reason(head):
@@ -80,6 +80,8 @@ def _level_sizes(head, featmap_sizes):
 
 
 _CACHE_SIZE = 32
+# mmdet's weight_reduce_loss: loss.sum() / (avg_factor + eps)
+_EPS = torch.finfo(torch.float32).eps
 
 
 def _cached(cache, key, make):
@@ -147,9 +149,13 @@ def _anchors_and_valid(parts, img_metas, device, cache=None):
             a for h, s in parts
             for a in h.prior_generator.grid_priors(s, device=device)
         ])
-        a = anchors.float()  # centres and sizes (_encode_deltas)
-        return anchors, ((a[:, 0] + a[:, 2]) * 0.5, (a[:, 1] + a[:, 3]) * 0.5,
-                         a[:, 2] - a[:, 0], a[:, 3] - a[:, 1])
+        # (cx, cy, w, h) - offset, / scale: the deltas of _encode_deltas
+        # before the log of their sizes; area: the IoU's (_box_iou)
+        a = anchors.float()
+        lo, hi = a[:, :2], a[:, 2:]
+        centre, size = (lo + hi) * 0.5, hi - lo
+        return anchors, (torch.cat([centre, torch.zeros_like(centre)], 1),
+                         torch.cat([size, size], 1), size[:, 0] * size[:, 1])
 
     def valid_of(pad):
         return lambda: torch.cat([
@@ -222,19 +228,27 @@ def assign(overlaps, gt_mask, valid, assigner, segments=None, cache=None,
         -1 ignored, 0 negative, ``i + 1`` box ``i``; -1 on invalid anchors.
     """
     keep = gt_mask[:, :, None] & valid[:, None, :]
-    overlaps = torch.where(keep, overlaps, -1.0)
+    overlaps = torch.where(keep, overlaps,
+                           _constant(-1.0, overlaps.dtype, overlaps.device))
     max_ov, argmax = overlaps.max(dim=1)  # per anchor
     neg = assigner.neg_iou_thr
     low, high = neg if isinstance(neg, tuple) else (0, neg)
-    gt_inds = torch.where((max_ov >= low) & (max_ov < high), 0, -1)
+    device = overlaps.device
+    gt_inds = torch.where((max_ov >= low) & (max_ov < high),
+                          _constant(0, torch.long, device),
+                          _constant(-1, torch.long, device))
     gt_inds = torch.where(max_ov >= assigner.pos_iou_thr, argmax + 1,
                           gt_inds)
     if assigner.match_low_quality:
         hit = _low_quality_hits(overlaps, gt_mask, assigner, segments,
                                 cache)
-        index = torch.arange(
-            1, overlaps.size(1) + 1, device=overlaps.device)[None, :, None]
-        last = torch.where(hit, index, 0).amax(dim=1)  # mmdet: later wins
+        num = overlaps.size(1)
+        index = _cached(
+            collections.OrderedDict() if cache is None else cache,
+            ('box index', num, device),
+            lambda: torch.arange(1, num + 1, device=device)[None, :, None])
+        last = torch.where(hit, index, _constant(0, torch.long, device))
+        last = last.amax(dim=1)  # mmdet: the later box wins
         gt_inds = torch.where(last > 0, last, gt_inds)
     # an image without boxes: every valid anchor is background
     background = valid.long() - 1 if background is None else background
@@ -270,7 +284,7 @@ def _low_quality_hits(overlaps, gt_mask, assigner, segments, cache):
 
 
 def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device,
-                   cache=None):
+                   cache=None, normalise=False):
     """Targets of ``head`` (an :class:`AnchorHead`) for a batch.
 
     ``cache`` (an ``OrderedDict`` kept by the caller) holds the anchors and
@@ -281,14 +295,16 @@ def anchor_targets(head, featmap_sizes, gt_instances, img_metas, device,
         ``label_weights``, ``bbox_targets``, ``bbox_weights``, and
         ``avg_factor`` (a 0-dim tensor: the number of positives, at least
         one per image, as mmdet's ``SamplingResult``), as the
-        arguments of ``AnchorHead.loss_by_feat_single``.
+        arguments of ``AnchorHead.loss_by_feat_single``. With
+        ``normalise`` (:func:`multi_anchor_targets`) the weights are
+        divided by ``avg_factor + eps`` and ``avg_factor`` is None.
     """
     return multi_anchor_targets([(head, featmap_sizes)], gt_instances,
-                                img_metas, device, cache)[0]
+                                img_metas, device, cache, normalise)[0]
 
 
 def multi_anchor_targets(requests, gt_instances, img_metas, device,
-                         cache=None):
+                         cache=None, normalise=False):
     """:func:`anchor_targets` of several heads in one pass.
 
     Args:
@@ -299,6 +315,13 @@ def multi_anchor_targets(requests, gt_instances, img_metas, device,
         device: Of the targets.
         cache (OrderedDict, optional): Kept by the caller: anchors, valid
             flags and layouts of the last shapes seen.
+        normalise (bool): Divide each head's label and box weights by its
+            normaliser ``avg_factor + eps`` (``eps``: mmdet's
+            ``weight_reduce_loss``) and return ``avg_factor=None``: a loss
+            that is linear in its weights then gives mmdet's ``mean`` with
+            ``avg_factor`` as a plain weighted ``sum``, in fewer kernels
+            per head and level (no addition and division of its own, in
+            forward and backward). Default False.
 
     Returns:
         list[tuple]: One :func:`anchor_targets` result per request, equal
@@ -323,37 +346,49 @@ def multi_anchor_targets(requests, gt_instances, img_metas, device,
     segments = [sum(_level_sizes(h, s)) for h, s in parts]
     boxes, labels, gt_mask = _pad_ground_truth(gt_instances, device)
     batch, num_anchors = valid.shape
-    overlaps = bbox_overlaps(
-        boxes, anchors[None].expand(batch, -1, -1).to(boxes.dtype))
+    box_terms = _box_terms(boxes)
+    overlaps = _box_iou(boxes, box_terms, anchors, anchor_terms[2])
     gt_inds = assign(overlaps, gt_mask, valid, head.assigner, segments,
                      cache, background)
     del overlaps
 
     pos = gt_inds > 0
     matched = (gt_inds - 1).clamp(min=0)
-    target_labels = torch.where(pos, labels.gather(1, matched),
-                                head.num_classes)
+    target_labels = torch.where(
+        pos, labels.gather(1, matched),
+        _constant(head.num_classes, labels.dtype, device))
     pos_weight = head.train_cfg.get('pos_weight', -1)
-    label_weights = (gt_inds >= 0).float()
+    # mmdet's SamplingResult counts max(num_pos, 1) per image
+    if len(parts) == 1:
+        avg_factors = pos.sum(dim=1).clamp(min=1).sum().float()[None]
+    else:
+        seg = _segment_index(segments, device, cache)
+        counts = pos.new_zeros(batch, len(parts), dtype=torch.float32)
+        counts.index_add_(1, seg, pos.float())
+        avg_factors = counts.clamp(min=1).sum(dim=0)
+    scale = None  # per anchor: 1 / (avg_factor + eps) of its head
+    if normalise:
+        scale = (avg_factors + _EPS).reciprocal()
+        scale = scale if len(parts) == 1 else scale.index_select(0, seg)
+    label_weights = gt_inds >= 0
     if pos_weight > 0:
-        label_weights = torch.where(pos, float(pos_weight), label_weights)
+        label_weights = torch.where(pos, float(pos_weight),
+                                    label_weights.float())
+    label_weights = label_weights.float() if scale is None else \
+        label_weights * scale
     if _plain_delta_coder(head.bbox_coder):
-        deltas = _encode_deltas(anchor_terms, boxes, matched)
+        deltas = _encode_deltas(anchor_terms, box_terms, matched)
     else:
         matched_boxes = boxes.gather(1, matched[..., None].expand(-1, -1, 4))
         deltas = head.bbox_coder.encode(
             anchors[None].expand(batch, -1, -1).reshape(-1, 4),
             matched_boxes.reshape(-1, 4)).view(batch, num_anchors, -1)
-    bbox_weights = pos[..., None].expand_as(deltas).to(deltas.dtype)
-    bbox_targets = torch.where(pos[..., None], deltas, 0.0)
-    # mmdet's SamplingResult counts max(num_pos, 1) per image
-    if len(parts) == 1:
-        avg_factors = [pos.sum(dim=1).clamp(min=1).sum().float()]
-    else:
-        seg = _segment_index(segments, device, cache)
-        counts = pos.new_zeros(batch, len(parts), dtype=torch.float32)
-        counts.index_add_(1, seg, pos.float())
-        avg_factors = counts.clamp(min=1).sum(dim=0).unbind()
+    bbox_weights = pos.to(deltas.dtype) if scale is None else \
+        (pos * scale).to(deltas.dtype)
+    bbox_weights = bbox_weights[..., None].expand_as(deltas)
+    bbox_targets = torch.where(pos[..., None], deltas,
+                               _constant(0.0, deltas.dtype, device))
+    avg_factors = [None] * len(parts) if normalise else avg_factors.unbind()
 
     # level blocks of every part; mmdet flattens each (B, A_l) block, so
     # they are laid out one after another (one gather per kind), not as
@@ -398,23 +433,59 @@ def _plain_delta_coder(coder):
         tuple(coder.stds) == (1., 1., 1., 1.)
 
 
-def _encode_deltas(anchor_terms, boxes, matched):
+def _box_terms(boxes):
+    """``(B, G, 4)`` centres and sizes ``(cx, cy, w, h)`` of the boxes, as
+    mmdet's box coder computes them (``(x1 + x2) * 0.5``, ``x2 - x1``)."""
+    g = boxes.float()
+    lo, hi = g[..., :2], g[..., 2:]
+    return torch.cat([(lo + hi) * 0.5, hi - lo], dim=-1)
+
+
+def _box_iou(boxes, box_terms, anchors, anchor_area):
+    """mmdet's ``bbox_overlaps(boxes, anchors)`` (IoU, ``eps=1e-6``), with
+    the same arithmetic, ``(B, G, A)``: the areas come from the boxes'
+    sizes (:func:`_box_terms`) and the anchors' cached ones, and the
+    ``eps`` floor is a clamp (mmdet: ``max`` with a tensor it makes from a
+    list, a host-to-device copy on a GPU)."""
+    anchors = anchors.to(boxes.dtype)
+    area = box_terms[..., 2] * box_terms[..., 3]  # (B, G)
+    lt = torch.max(boxes[..., :, None, :2], anchors[None, None, :, :2])
+    rb = torch.min(boxes[..., :, None, 2:], anchors[None, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1]
+    union = (area[..., None] + anchor_area) - overlap
+    return overlap / union.clamp(min=1e-6)
+
+
+# 0-dim device constants of torch.where (a Python number there becomes a
+# new device tensor per call: one fill kernel each on a GPU)
+_CONSTANTS = {}
+
+
+def _constant(value, dtype, device):
+    key = (value, dtype, torch.device(device))
+    found = _CONSTANTS.get(key)
+    if found is None:
+        found = _CONSTANTS[key] = torch.tensor(value, dtype=dtype,
+                                               device=device)
+    return found
+
+
+def _encode_deltas(anchor_terms, box_terms, matched):
     """``DeltaXYWHBBoxCoder.encode`` (means 0, stds 1) of each anchor with
     its matched box, with the same arithmetic in fewer kernels: the anchor
     centres and sizes ``anchor_terms`` are made once per anchor set
-    (cached with the anchors) and the boxes' once per box, then gathered
-    (mmdet: per anchor). Subtracting mean 0 and dividing by std 1, which
-    change no value, are left out."""
-    px, py, pw, ph = anchor_terms
-    g = boxes.float()
-    box_terms = torch.stack([(g[..., 0] + g[..., 2]) * 0.5,
-                             (g[..., 1] + g[..., 3]) * 0.5,
-                             g[..., 2] - g[..., 0], g[..., 3] - g[..., 1]],
-                            dim=-1)  # (B, G, 4)
-    gx, gy, gw, gh = box_terms.gather(
-        1, matched[..., None].expand(-1, -1, 4)).unbind(-1)
-    return torch.stack([(gx - px) / pw, (gy - py) / ph,
-                        torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
+    (cached with the anchors) and the boxes' once per box
+    (:func:`_box_terms`), then gathered (mmdet: per anchor); ``dx, dy =
+    (g - p) / p_size`` and ``dw, dh = log(g_size / p_size)`` are one
+    subtraction (of 0 for the sizes), one division and one log of the
+    size half. Subtracting mean 0 and dividing by std 1, which change no
+    value, are left out."""
+    offset, scale = anchor_terms[:2]
+    g = box_terms.gather(1, matched[..., None].expand(-1, -1, 4))
+    deltas = (g - offset) / scale
+    deltas[..., 2:].log_()
+    return deltas
 
 
 def _block_order(flat, batch, device):
@@ -493,6 +564,8 @@ class SharedAnchorTargets:
 
     def _compute(self, asking, sizes, data_samples, device):
         signature = target_signature(asking.head)
+        # heads that take normalised weights share only with each other
+        normalise = getattr(asking, 'normalised_targets', False)
         shape = data_samples[0].metainfo.get('batch_input_shape')
         members = [asking]
         if shape is not None:
@@ -502,6 +575,7 @@ class SharedAnchorTargets:
                 and id(h) not in self._results
                 and not h._uses_ignored(data_samples)
                 and target_signature(h.head) == signature
+                and getattr(h, 'normalised_targets', False) == normalise
             ]
         requests = []
         for member in members:
@@ -513,7 +587,8 @@ class SharedAnchorTargets:
                 for sw, sh in member.head.prior_generator.strides)))
         results = multi_anchor_targets(
             requests, [s.gt_instances for s in data_samples],
-            [s.metainfo for s in data_samples], device, self.cache)
+            [s.metainfo for s in data_samples], device, self.cache,
+            normalise)
         for member, (_, member_sizes), result in zip(members, requests,
                                                      results):
             self._results[id(member)] = (_sizes_key(member_sizes), result)

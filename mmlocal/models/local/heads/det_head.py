@@ -3,11 +3,16 @@ import copy
 
 import torch.nn as nn
 from mmcv.cnn import ConvModule
+from mmdet.models.dense_heads import AnchorHead
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+from mmdet.models.losses import FocalLoss
 from mmdet.models.utils import unpack_gt_instances
 from mmengine.model import BaseModule, ModuleList, Sequential
 
-from mmlocal.models.losses.sync_free_losses import sync_free_loss
+from mmlocal.models.losses.sync_free_losses import (FusedFocalLoss,
+                                                    SyncFreeL1Loss,
+                                                    SyncFreeSmoothL1Loss,
+                                                    sync_free_loss)
 from mmlocal.registry import MODELS
 from mmlocal.utils.compile import CompiledMethods, check_compile_option
 from .anchor_targets import anchor_targets, unsupported_reason
@@ -122,6 +127,22 @@ def _per_group_weights(targets, groups):
     label_weights = [w * scale[:, None] for w in label_weights]
     bbox_weights = [w * scale[:, None, None] for w in bbox_weights]
     return [anchors, labels, label_weights, bbox_targets, bbox_weights], 1.0
+
+
+def _sums_weighted_terms(head):
+    """``head``'s level losses are mmdet's ``loss_by_feat_single`` with a
+    focal loss and an L1 / smooth L1 box loss (the twins of
+    :func:`sync_free_loss`): each is ``sum(term * weight) / (avg_factor +
+    eps)``, so with weights already divided by ``avg_factor + eps`` it
+    is their ``'sum'`` (:meth:`DetAuxHead._level_losses`)."""
+    return (type(head).loss_by_feat_single is
+            AnchorHead.loss_by_feat_single
+            and type(getattr(head, 'loss_cls', None)) in (FocalLoss,
+                                                          FusedFocalLoss)
+            and type(getattr(head, 'loss_bbox', None)) in (
+                SyncFreeL1Loss, SyncFreeSmoothL1Loss)
+            and head.loss_cls.reduction == 'mean'
+            and head.loss_bbox.reduction == 'mean')
 
 
 @MODELS.register_module()
@@ -270,12 +291,19 @@ class DetAuxHead(BaseModule):
         # nested builds (anchors, coder, losses, assigner) run in mmdet scope
         head.setdefault('_scope_', 'mmdet')
         self.head = MODELS.build(head)
-        # mmdet's L1/smooth L1 read `any(weight > 0)` on the host per level
-        if isinstance(getattr(self.head, 'loss_bbox', None), nn.Module):
-            self.head.loss_bbox = sync_free_loss(self.head.loss_bbox)
+        # mmdet's L1/smooth L1 read `any(weight > 0)` on the host per level;
+        # the focal loss: FusedFocalLoss (fewer kernels, same values)
+        for name in ('loss_cls', 'loss_bbox'):
+            if isinstance(getattr(self.head, name, None), nn.Module):
+                setattr(self.head, name,
+                        sync_free_loss(getattr(self.head, name)))
         self.batched_targets_unsupported = unsupported_reason(self.head)
         self.batched_targets = bool(batched_targets) and \
             self.batched_targets_unsupported is None
+        # batched targets with weights divided by the normaliser, summed
+        # by the losses (_loss_batched)
+        self.normalised_targets = self.batched_targets and \
+            _sums_weighted_terms(self.head)
         self._anchor_cache = collections.OrderedDict()  # not state
         # set by share_anchor_targets (LocalLearner): targets of every aux
         # head computed in one pass per batch
@@ -366,19 +394,44 @@ class DetAuxHead(BaseModule):
         img_metas = [s.metainfo for s in data_samples]
         sizes = [c.shape[-2:] for c in cls_scores]
         shared = None
+        normalise = self.normalised_targets and groups == 1
         if groups == 1 and self.shared_targets is not None:
             # computed once per batch for every aux head of the learner
             shared = self.shared_targets.targets(
                 self, sizes, data_samples, cls_scores[0].device)
         *targets, avg_factor = shared or anchor_targets(
             self.head, sizes, gt_instances, img_metas, cls_scores[0].device,
-            cache=self._anchor_cache)
+            cache=self._anchor_cache, normalise=normalise)
         if groups > 1:
             targets, avg_factor = _per_group_weights(targets, groups)
         loss_cls, loss_bbox = [], []
         for level in zip(cls_scores, bbox_preds, *targets):
-            cls, box = self.head.loss_by_feat_single(
-                *level, avg_factor=avg_factor)
+            if avg_factor is None:  # weights divided by the normaliser
+                cls, box = self._level_losses(*level)
+            else:
+                cls, box = self.head.loss_by_feat_single(
+                    *level, avg_factor=avg_factor)
             loss_cls.append(cls)
             loss_bbox.append(box)
         return dict(loss_cls=loss_cls, loss_bbox=loss_bbox)
+
+    def _level_losses(self, cls_score, bbox_pred, anchors, labels,
+                      label_weights, bbox_targets, bbox_weights):
+        """``AnchorHead.loss_by_feat_single`` for weights already divided
+        by ``avg_factor + eps`` (``normalise`` of :func:`anchor_targets`):
+        the same terms as a weighted ``'sum'``, which the focal loss runs
+        as :class:`~mmlocal.models.losses.sync_free_losses.WeightedFocalSum`
+        on a GPU."""
+        head = self.head
+        cls_score = cls_score.permute(0, 2, 3, 1).reshape(
+            -1, head.cls_out_channels)
+        loss_cls = head.loss_cls(
+            cls_score, labels.reshape(-1), label_weights.reshape(-1),
+            reduction_override='sum')
+        dim = bbox_targets.size(-1)
+        bbox_pred = bbox_pred.permute(0, 2, 3, 1).reshape(
+            -1, head.bbox_coder.encode_size)
+        loss_bbox = head.loss_bbox(
+            bbox_pred, bbox_targets.reshape(-1, dim),
+            bbox_weights.reshape(-1, dim), reduction_override='sum')
+        return loss_cls, loss_bbox
