@@ -212,6 +212,7 @@ def worker(spec):
                   static['optim_state_bytes'])
     if row.startswith('pipe_'):
         result['stages'] = wrapped.stages
+        result['measured'] = wrapped.measured  # on the measuring process
     barrier()
     if world > 1:
         dist.destroy_process_group()
