@@ -29,12 +29,12 @@ def _run(args, env=None):
 
 @pytest.fixture(scope='module')
 def worker_states(tmp_path_factory):
-    """tests/dist_scripts/local_ddp_worker.py under torchrun (2 ranks) and
-    as one process over the combined batch; its saved state dicts."""
+    """tests/dist_scripts/local_ddp_worker.py as 2 ranks (the environment
+    torchrun sets) and as one process over the combined batch, the three
+    forked at once from one process; their saved state dicts. (torchrun
+    itself is run by the tools/dist_train.sh tests below.)"""
     out = tmp_path_factory.mktemp('local_ddp')
-    _run(['-m', 'torch.distributed.run', '--nproc_per_node', '2',
-          '--master_port', str(_free_port()), WORKER, str(out)])
-    _run([WORKER, str(out)])
+    _run([WORKER, 'forked', str(out)])
 
     def load(tag, suffix=''):
         return torch.load(out / f'{tag}{suffix}.pt', weights_only=True)

@@ -5,7 +5,8 @@ import os.path as osp
 import pytest
 import torch
 
-from conftest import REPO, run_tool
+from conftest import REPO
+from tool_server import run_tool_fast as run_tool
 
 DET_CFG = osp.join(REPO, 'tests', 'configs', 'retinanet_tiny_demo.py')
 SEG_CFG = osp.join(REPO, 'tests', 'configs', 'fcn_r18_tiny_cityscapes.py')

@@ -48,6 +48,10 @@ started by hand with RANK/WORLD_SIZE/MASTER_*: no torchrun, which would stop
 rank 0 itself): rank 1 exits silently, raises a ValueError, or hangs, in
 iteration 1 after module 0; rank 0 reports the wrapper's error in
 ``OUT/fault_rank0.txt``.
+``python local_ddp_worker.py forked OUT`` runs both ranks and the single
+process at once, forked from one process (as torchrun would set the ranks'
+environment; the imports paid once).
+
 ``python local_ddp_worker.py fault_all die,raise,hang OUT`` runs each mode
 in two processes forked from one (no torchrun either), all modes at once,
 each in ``OUT/<mode>/``.
@@ -401,8 +405,49 @@ def fault_all(modes, out_dir, timeout=300):
             pass
 
 
+def forked(out_dir):
+    """:func:`main` as two ranks (``RANK``, ``WORLD_SIZE``, ``MASTER_*``
+    set as torchrun sets them) and as the single process, all three forked
+    from this one at once (the imports paid once). Exits 1 if any failed."""
+    children = {}
+    port = str(_free_port())
+    for rank in (0, 1, None):
+        pid = os.fork()
+        if pid:
+            children[pid] = rank
+            continue
+        code = 1
+        try:
+            for key in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR',
+                        'MASTER_PORT'):
+                os.environ.pop(key, None)
+            if rank is not None:
+                os.environ.update(
+                    MASTER_ADDR='127.0.0.1', MASTER_PORT=port,
+                    WORLD_SIZE='2', RANK=str(rank), LOCAL_RANK=str(rank),
+                    LOCAL_WORLD_SIZE='2')
+            main(out_dir)
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    failed = []
+    for pid, rank in children.items():
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed.append('single' if rank is None else f'rank {rank}')
+    if failed:
+        sys.exit(f'failed: {failed}')
+
+
 if __name__ == '__main__':
-    if sys.argv[1] == 'fault':
+    if sys.argv[1] == 'forked':
+        forked(sys.argv[2])
+    elif sys.argv[1] == 'fault':
         fault(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == 'fault_all':
         fault_all(sys.argv[2].split(','), sys.argv[3])
