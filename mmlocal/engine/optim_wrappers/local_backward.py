@@ -56,4 +56,23 @@ def local_backward(optim_wrapper, loss, retain_graph=False):
         loss = optim_wrapper.loss_scaler.scale(loss)
     if not torch.is_tensor(loss) or not loss.requires_grad:
         return
-    loss.backward(retain_graph=retain_graph)
+    if loss.dim() != 0:
+        loss.backward(retain_graph=retain_graph)
+        return
+    # a kept 1 as the seed: backward() would fill a new one (one kernel)
+    loss.backward(_seed(loss), retain_graph=retain_graph)
+
+
+_SEEDS = {}
+
+
+def _seed(loss):
+    """A 0-dim 1 of ``loss``'s device and dtype, made once. A backward
+    function that wrote into its incoming gradient in place would have
+    changed it: its version counter says so, and a new one is made."""
+    key = (loss.device, loss.dtype)
+    seed, version = _SEEDS.get(key, (None, None))
+    if seed is None or seed._version != version:
+        seed = torch.ones((), dtype=loss.dtype, device=loss.device)
+        _SEEDS[key] = (seed, seed._version)
+    return seed

@@ -893,8 +893,10 @@ class LocalLearner(BaseModel):
         # deferred scalar losses: one isfinite of them all
         deferred = [p for p in pending if p[1] is None]
         if deferred:
-            flags = torch.isfinite(
-                torch.stack([p[3].to(device) for p in deferred]))
+            # x * 0 == 0 exactly where x is finite (inf * 0, NaN * 0 are
+            # NaN): two kernels; torch.isfinite is four on every device
+            flags = torch.stack([p[3].to(device) for p in deferred]).mul(
+                0).eq(0)
             for p, flag in zip(deferred, flags.unbind()):
                 p[1] = flag
         if len(deferred) == len(pending):

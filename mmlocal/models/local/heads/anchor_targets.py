@@ -363,8 +363,12 @@ def multi_anchor_targets(requests, gt_instances, img_metas, device,
         avg_factors = pos.sum(dim=1).clamp(min=1).sum().float()[None]
     else:
         seg = _segment_index(segments, device, cache)
-        counts = pos.new_zeros(batch, len(parts), dtype=torch.float32)
-        counts.index_add_(1, seg, pos.float())
+        # positives per image and head: a product with the anchors' 0/1
+        # head matrix (exact: sums of 0/1 in fp32, TF32 too)
+        heads = _cached(cache, ('segment matrix', tuple(segments), device),
+                        lambda: torch.nn.functional.one_hot(
+                            seg, len(segments)).float())
+        counts = pos.float() @ heads
         avg_factors = counts.clamp(min=1).sum(dim=0)
     scale = None  # per anchor: 1 / (avg_factor + eps) of its head
     if normalise:
