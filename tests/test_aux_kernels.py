@@ -78,3 +78,38 @@ def test_bn_with_cumulative_average_keeps_its_counter():
     assert net[1].num_batches_tracked is not None
     net(torch.randn(2, 3, 4, 4))
     assert int(net[1].num_batches_tracked) == 1
+
+
+def test_local_backward_seed_is_kept_and_renewed():
+    """local_backward seeds backward with a kept 1 (no fill per module);
+    the gradients are those of loss.backward(), and a backward function
+    that wrote into its incoming gradient gets a fresh seed next time."""
+    from mmengine.optim import OptimWrapper
+    from mmlocal.engine.optim_wrappers import local_backward
+    from mmlocal.engine.optim_wrappers.local_backward import _SEEDS
+
+    class Scales(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.mul_(3).expand(2, 3).clone()  # writes into grad
+
+    w = torch.randn(2, 3, requires_grad=True)
+    ow = OptimWrapper(torch.optim.SGD([w], lr=0.1))
+    local_backward(ow, (w * w).sum())
+    torch.testing.assert_close(w.grad, 2 * w.detach())
+    seed = _SEEDS[(w.device, w.dtype)][0]
+    w.grad = None
+    local_backward(ow, (w * w).sum())
+    assert _SEEDS[(w.device, w.dtype)][0] is seed  # kept
+    torch.testing.assert_close(w.grad, 2 * w.detach())
+    w.grad = None
+    local_backward(ow, Scales.apply(w))
+    torch.testing.assert_close(w.grad, torch.full((2, 3), 3.))
+    w.grad = None
+    local_backward(ow, (w * w).sum())  # a fresh 1, not the written 3
+    assert _SEEDS[(w.device, w.dtype)][0] is not seed
+    torch.testing.assert_close(w.grad, 2 * w.detach())
