@@ -2,7 +2,8 @@
 import json
 import os.path as osp
 
-from conftest import REPO, run_tool
+from conftest import REPO
+from tool_server import run_tool_fast as run_tool
 
 DET_CFG = osp.join(REPO, 'tests', 'configs', 'retinanet_tiny_demo.py')
 LOCAL_CFG = osp.join(REPO, 'tests', 'configs',

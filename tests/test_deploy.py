@@ -3,8 +3,6 @@ that mmdet's init_detector / mmseg's init_model load without mmlocal."""
 import copy
 import importlib.util
 import os.path as osp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 
 from conftest import REPO
+from tool_server import run_tool_fast
 from local_utils import (TINY_FCN, TINY_RETINANET, det_batch, seg_batch,
                          small_aux)
 from mmlocal.registry import MODELS
@@ -99,8 +98,7 @@ def train_and_save(tmp_path, cfg_dict, batch):
 
 
 def deploy(*args):
-    return subprocess.run([sys.executable, TOOL, *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return run_tool_fast([TOOL, *map(str, args)], check=False)
 
 
 def tool():
@@ -161,8 +159,8 @@ except ModuleNotFoundError:
     print('HIDDEN')
 print('DIFF', diff, 'TYPE', type(model).__name__)
 """
-    proc = subprocess.run([sys.executable, '-c', code], cwd='/',
-                          capture_output=True, text=True, timeout=600)
+    # the tool server's process never imported mmlocal (tool_server.py)
+    proc = run_tool_fast(['-c', code], cwd='/', check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert 'HIDDEN' in proc.stdout
     return proc.stdout

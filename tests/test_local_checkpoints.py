@@ -1,7 +1,5 @@
 """Pretrained blocks into a split backbone; stock checkpoints out."""
 import copy
-import subprocess
-import sys
 
 import torch
 from mmengine.config import ConfigDict
@@ -9,6 +7,7 @@ from mmengine.optim import OptimWrapper, build_optim_wrapper
 from mmengine.registry import DefaultScope
 
 from conftest import REPO
+from tool_server import run_tool_fast
 from local_utils import TINY_RETINANET, det_batch, small_aux
 from mmlocal.registry import MODELS
 
@@ -56,9 +55,9 @@ def test_strip_aux_output_loads_into_stock_model(tmp_path):
     torch.save({'meta': {'iter': 1}, 'state_dict': learner.state_dict(),
                 'optimizer': {}}, src)
     dst = tmp_path / 'deploy.pth'
-    proc = subprocess.run(
-        [sys.executable, 'tools/model_converters/strip_aux.py', str(src),
-         str(dst)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_tool_fast(
+        ['tools/model_converters/strip_aux.py', str(src), str(dst)],
+        check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert 'training-only tensors dropped' in proc.stdout
 
@@ -76,8 +75,8 @@ missing, unexpected = model.load_state_dict(ckpt['state_dict'], strict=True)
 assert 'mmlocal' not in sys.modules
 print('LOADED', len(ckpt['state_dict']))
 """
-    proc = subprocess.run([sys.executable, '-c', code], cwd='/',
-                          capture_output=True, text=True, timeout=300)
+    # the tool server's process never imported mmlocal (tool_server.py)
+    proc = run_tool_fast(['-c', code], cwd='/', check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'LOADED' in proc.stdout
     stripped = torch.load(dst, map_location='cpu', weights_only=True)
@@ -86,9 +85,9 @@ print('LOADED', len(ckpt['state_dict']))
     assert not any(k.startswith('aux_nets') for k in stripped['state_dict'])
 
     # never overwrites what a user saved
-    proc = subprocess.run(
-        [sys.executable, 'tools/model_converters/strip_aux.py', str(src),
-         str(dst)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_tool_fast(
+        ['tools/model_converters/strip_aux.py', str(src), str(dst)],
+        check=False, timeout=300)
     assert proc.returncode != 0 and 'refusing to overwrite' in proc.stderr
 
 

@@ -1,7 +1,5 @@
 """tools/model_converters/resnet_to_mm.py on torchvision and seed layouts."""
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torchvision
 from mmengine.config import ConfigDict
 from mmengine.registry import DefaultScope
 
-from conftest import REPO
+from tool_server import run_tool_fast
 from local_utils import TINY_RETINANET, small_aux
 from mmlocal.registry import MODELS
 
@@ -17,9 +15,8 @@ TOOL = 'tools/model_converters/resnet_to_mm.py'
 
 
 def _convert(src, dst, *extra):
-    return subprocess.run([sys.executable, TOOL, str(src), str(dst), *extra],
-                          cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return run_tool_fast([TOOL, str(src), str(dst), *extra], check=False,
+                         timeout=300)
 
 
 def _seed_layout(tv_state):

@@ -7,6 +7,7 @@ from mmengine.registry import DefaultScope
 
 import mmlocal.registry as R
 from conftest import REPO
+from tool_server import run_tool_fast
 
 
 # Minimal build arguments of every registered name live in
@@ -100,8 +101,8 @@ with DefaultScope.overwrite_default_scope('mmdet'):
 dist.destroy_process_group()
 print('OK')
 """
-    proc = subprocess.run([sys.executable, '-c', code], cwd=f'{REPO}/tests',
-                          capture_output=True, text=True, timeout=300)
+    proc = run_tool_fast(['-c', code], cwd=f'{REPO}/tests', check=False,
+                         timeout=300)
     assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
 
 
@@ -132,8 +133,9 @@ assert type(hook).__module__.startswith('mmlocal.'), type(hook)
 assert hook.interval == 3
 print('OK')
 """
-    proc = subprocess.run([sys.executable, '-c', code], cwd='/',
-                          capture_output=True, text=True, timeout=300)
+    # the tool server's process has imported torch and mmengine, never
+    # mmlocal, mmdet or mmseg (tests/tool_server.py)
+    proc = run_tool_fast(['-c', code], cwd='/', check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert 'OK' in proc.stdout
 

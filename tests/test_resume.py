@@ -4,11 +4,11 @@ import json
 import os
 import os.path as osp
 import signal
-import subprocess
-import sys
 import time
 
-from conftest import REPO, run_tool
+from conftest import REPO
+from tool_server import run_tool_fast as run_tool
+from tool_server import start_tool_fast
 
 CFG = osp.join(REPO, 'tests', 'configs', 'infopro_retinanet_tiny_demo.py')
 
@@ -40,10 +40,11 @@ def _losses(work_dir):
 def test_resumed_run_reproduces_uninterrupted_losses(demo_data_root,
                                                      tmp_path):
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
-    run_tool(['tools/train.py', CFG, '--work-dir', full, '--cfg-options'] +
-             _options(demo_data_root, 4))
-    run_tool(['tools/train.py', CFG, '--work-dir', part, '--cfg-options'] +
-             _options(demo_data_root, 2))
+    runs = [start_tool_fast(['tools/train.py', CFG, '--work-dir', work,
+                             '--cfg-options'] + _options(demo_data_root, n))
+            for work, n in ((full, 4), (part, 2))]  # independent: at once
+    for run in runs:
+        run.wait()
     proc = run_tool(['tools/train.py', CFG, '--work-dir', part, '--resume',
                      '--cfg-options'] + _options(demo_data_root, 4))
     assert 'resumed epoch: 0, iter: 2' in proc.stdout + proc.stderr
@@ -56,19 +57,17 @@ def test_resumed_run_reproduces_uninterrupted_losses(demo_data_root,
 def test_kill_between_checkpoints_loses_at_most_one_interval(
         demo_data_root, tmp_path):
     work = str(tmp_path / 'killed')
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='2')
-    proc = subprocess.Popen(
-        [sys.executable, 'tools/train.py', CFG, '--work-dir', work,
-         '--cfg-options'] + _options(demo_data_root, 200, ckpt_interval=2),
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    proc = start_tool_fast(
+        ['tools/train.py', CFG, '--work-dir', work, '--cfg-options'] +
+        _options(demo_data_root, 200, ckpt_interval=2), check=False,
+        env=dict(PYTHONPATH=REPO, OMP_NUM_THREADS='2'))
     deadline = time.time() + 300
     while time.time() < deadline and not osp.exists(
             osp.join(work, 'iter_4.pth')):
         time.sleep(0.5)
     time.sleep(1.0)  # somewhere between two checkpoints
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait().returncode == -signal.SIGKILL
     assert osp.exists(osp.join(work, 'iter_4.pth')), 'no checkpoint written'
     with open(osp.join(work, 'last_checkpoint')) as f:
         last = f.read().strip()
