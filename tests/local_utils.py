@@ -236,3 +236,19 @@ class HostReads(TorchDispatchMode):
         self.ops += 1
         self.count += func.overloadpacket.__name__ in self.READS
         return func(*args, **(kwargs or {}))
+
+
+def parsed_config(path):
+    """``mmengine.config.Config.fromfile(path)``, parsed once per test
+    session (0.2-0.5 s a file; several test files parse the same configs);
+    each call returns a deep copy, which the caller may change."""
+    import copy
+    import os.path as osp
+    return copy.deepcopy(_parsed_config(osp.abspath(path)))
+
+
+def _parsed_config(path, _cache={}):
+    if path not in _cache:
+        from mmengine.config import Config
+        _cache[path] = Config.fromfile(path)
+    return _cache[path]

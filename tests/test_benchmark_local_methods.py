@@ -2,7 +2,8 @@
 import json
 import os.path as osp
 
-from conftest import REPO, run_tool
+from conftest import REPO
+from tool_server import run_tool_fast as run_tool
 
 BASE = osp.join(REPO, 'tests', 'configs', 'infopro_retinanet_tiny_demo.py')
 

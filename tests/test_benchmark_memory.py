@@ -3,14 +3,20 @@ import importlib.util
 import json
 import math
 import os.path as osp
+import sys
 
 import pytest
 import torch
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 
-from conftest import REPO, run_tool
+from conftest import REPO
+from tool_server import run_tool_fast as run_tool
 
+# the tool imports its sibling cuda_like_focal_loss.py (its own folder is on
+# sys.path when it runs as a script): run alone, this file needs it too
+if osp.join(REPO, 'tools', 'analysis') not in sys.path:
+    sys.path.insert(0, osp.join(REPO, 'tools', 'analysis'))
 _spec = importlib.util.spec_from_file_location(
     'benchmark_memory',
     osp.join(REPO, 'tools', 'analysis', 'benchmark_memory.py'))

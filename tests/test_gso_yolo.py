@@ -8,11 +8,11 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
-from conftest import REPO, run_tool
-from local_utils import det_batch
+from conftest import REPO
+from tool_server import run_tool_fast as run_tool
+from local_utils import det_batch, parsed_config
 
 CONFIG_DIR = osp.join(REPO, 'configs', 'gso_yolo')
 GSO_MODEL = osp.join(REPO, 'configs', '_base_', 'models', 'gso_yolo_s.py')
@@ -71,7 +71,7 @@ def _sized(model_cfg, size):
 
 @pytest.fixture(scope='module')
 def tiny_model_cfg():
-    cfg = Config.fromfile(TINY_CFG).model
+    cfg = parsed_config(TINY_CFG).model
     cfg.bbox_head.num_classes = 2
     return cfg
 
@@ -119,7 +119,7 @@ def test_bad_arguments_name_the_option(cfg, option):
 def test_every_size_builds_and_matches_yolov8():
     """GSO-YOLO builds at n/s/m/l/x; without GOM and SCM it has exactly
     YOLOv8's parameters (our DFL has no frozen conv: 16 fewer)."""
-    model_cfg = Config.fromfile(GSO_MODEL).model
+    model_cfg = parsed_config(GSO_MODEL).model
     for size in SIZES:
         model = _build(_sized(model_cfg, size))
         stage4 = model.backbone.stage4
@@ -258,7 +258,7 @@ def test_every_config_parses_and_differs_as_named(cached_external_cfg_lookup):
     assert len(files) >= 20
     for path in files:
         name = osp.basename(path)
-        model = Config.fromfile(path).model
+        model = parsed_config(path).model
         size = name.split('_')[1]
         assert (model.backbone.deepen_factor,
                 model.backbone.widen_factor) == SIZES[size][:2], name
@@ -290,7 +290,7 @@ def test_additive_ablation_adds_gso_yolos_component(part):
     from mmengine.registry import MODELS
 
     def model_of(name):
-        cfg = Config.fromfile(osp.join(CONFIG_DIR, name))
+        cfg = parsed_config(osp.join(CONFIG_DIR, name))
         return cfg, cfg.model.to_dict()
 
     _, base = model_of('yolov8_s_8xb16-300e_soda.py')
