@@ -56,9 +56,10 @@ ASSIGNERS = [
 ]
 
 
-@pytest.mark.parametrize('assigner', ASSIGNERS)
+@pytest.mark.parametrize('assigner,num_boxes', [
+    (a, (4, 0, 6)) for a in ASSIGNERS] + [({}, (4, 2, 6))])
 @pytest.mark.parametrize('num_levels', [1, 3])
-def test_targets_equal_mmdet(assigner, num_levels):
+def test_targets_equal_mmdet(assigner, num_boxes, num_levels):
     train_cfg = dict(
         assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5,
                       neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1),
@@ -68,7 +69,8 @@ def test_targets_equal_mmdet(assigner, num_levels):
     aux = _head(num_levels=num_levels, train_cfg=train_cfg)
     head = aux.head
     assert unsupported_reason(head) is None
-    samples = _samples()
+    # (4, 2, 6): every image has boxes (the all-background step skipped)
+    samples = _samples(num_boxes)
     sizes = [(96 // s, 128 // s) for s in aux.strides]
     metas = [s.metainfo for s in samples]
     gts = [s.gt_instances for s in samples]

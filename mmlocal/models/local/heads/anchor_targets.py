@@ -209,7 +209,7 @@ def _segment_index(segments, device, cache):
 
 
 def assign(overlaps, gt_mask, valid, assigner, segments=None, cache=None,
-           background=None):
+           background=None, every_image_has_boxes=False):
     """``MaxIoUAssigner.assign_wrt_overlaps`` for a batch.
 
     Args:
@@ -222,6 +222,9 @@ def assign(overlaps, gt_mask, valid, assigner, segments=None, cache=None,
             matches are searched per head. Default: one head.
         cache (OrderedDict, optional): keeps the segment index.
         background (Tensor, optional): ``valid.long() - 1``, if cached.
+        every_image_has_boxes (bool): Known on the host (the ground truth
+            counts): no image needs the all-background assignment, and
+            its two kernels are skipped.
 
     Returns:
         Tensor: ``(B, A)`` long, as mmdet's ``gt_inds`` on valid anchors:
@@ -250,6 +253,8 @@ def assign(overlaps, gt_mask, valid, assigner, segments=None, cache=None,
         last = torch.where(hit, index, _constant(0, torch.long, device))
         last = last.amax(dim=1)  # mmdet: the later box wins
         gt_inds = torch.where(last > 0, last, gt_inds)
+    if every_image_has_boxes:
+        return gt_inds
     # an image without boxes: every valid anchor is background
     background = valid.long() - 1 if background is None else background
     return torch.where(gt_mask.any(dim=1, keepdim=True), gt_inds,
@@ -349,7 +354,8 @@ def multi_anchor_targets(requests, gt_instances, img_metas, device,
     box_terms = _box_terms(boxes)
     overlaps = _box_iou(boxes, box_terms, anchors, anchor_terms[2])
     gt_inds = assign(overlaps, gt_mask, valid, head.assigner, segments,
-                     cache, background)
+                     cache, background,
+                     every_image_has_boxes=all(len(g) for g in gt_instances))
     del overlaps
 
     pos = gt_inds > 0
