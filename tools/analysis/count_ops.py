@@ -28,7 +28,8 @@ than on CUDA (``one_hot``: two syncs more per call here);
 syncs counted are those of a GPU step, and counts each call of mmcv's fused
 focal-loss kernel (forward, backward) as one kernel, as on a GPU (on the CPU
 a PyTorch stand-in runs it as ~15 ops per 32k anchor rows, which made the
-count grow with the image size).
+count grow with the image size); the aux heads' ``FusedFocalLoss`` then
+calls those kernels itself, as it does on a GPU).
 
 ``--parts PATTERN ...`` adds the kernels and FLOPs of the calls (``forward``,
 or ``loss`` where a part has one) of the matching submodules (e.g.

@@ -77,8 +77,9 @@ def drop_bn_step_counters(module, keep=None):
     """
     kept = set() if keep is None else {id(m) for m in keep.modules()}
     for m in module.modules():
-        if id(m) not in kept and isinstance(m, _BatchNorm) and m.track_running_stats and \
-                m.momentum is not None and m.num_batches_tracked is not None:
+        if id(m) not in kept and isinstance(m, _BatchNorm) and \
+                m.track_running_stats and m.momentum is not None and \
+                m.num_batches_tracked is not None:
             m.num_batches_tracked = None
             m.register_load_state_dict_pre_hook(_drop_counter_on_load)
 
