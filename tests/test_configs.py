@@ -3,10 +3,10 @@ import glob
 import os.path as osp
 
 import pytest
-from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 from conftest import REPO
+from local_utils import parsed_config
 
 ALL = sorted(glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
                        recursive=True))
@@ -43,7 +43,7 @@ def _offline(model_cfg):
 
 @pytest.mark.parametrize('path', ALL, ids=lambda p: osp.relpath(p, REPO))
 def test_config_parses(path):
-    cfg = Config.fromfile(path)
+    cfg = parsed_config(path)
     assert 'model' in cfg, path
     assert cfg.get('default_scope') in ('mmdet', 'mmseg'), path
 
@@ -54,7 +54,7 @@ def test_config_parses(path):
     [_demo_default_config()],
     ids=lambda p: osp.basename(p))
 def test_local_config_builds(path):
-    cfg = Config.fromfile(path)
+    cfg = parsed_config(path)
     assert cfg.model.type == 'mmlocal.LocalLearner'
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = MODELS.build(_offline(cfg.model))
@@ -75,7 +75,7 @@ def test_local_config_builds(path):
 def test_checkpointing_configs_build(path):
     """The low-memory variants checkpoint the blocks their comments name
     (not the last block of a module, which saved nothing measurable)."""
-    cfg = Config.fromfile(path)
+    cfg = parsed_config(path)
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = MODELS.build(_offline(cfg.model))
     assert all(aux.with_cp for aux in model.aux_nets)
