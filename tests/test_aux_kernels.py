@@ -27,7 +27,7 @@ def _old_checkpoint(learner, with_metadata):
     return old, added
 
 
-@pytest.mark.parametrize('aux', ['mmlocal.InfoProAux', 'mmlocal.MomentumAux'])
+@pytest.mark.parametrize('aux', ['mmlocal.MomentumAux'])
 def test_aux_bn_without_counter_and_old_checkpoints_load(aux):
     learner = build(num_modules=2, aux=small_aux(aux))
     aux_bns = [m for m in learner.aux_nets.modules()
