@@ -454,8 +454,9 @@ class LocalPipelineParallel(nn.Module):
             stops with an error naming that process.
         module_costs (list[float], optional): Per-module memory (e.g. the
             ``costs`` of ``tools/analysis/plan_split.py --json``) that the
-            default grouping balances (``'memory'``) or respects
-            (``'time'``).
+            default grouping balances (``'memory'``) or, with
+            ``module_times``, respects (``'time'``); a measurement
+            replaces it.
         balance (str): What the default grouping balances: ``'time'``
             (the largest stage time, the async pipeline's throughput; among
             groupings within 5 % of it the least memory) or ``'memory'``
