@@ -58,12 +58,13 @@ def cascade_reference_grads(learner, batch, joint_patches=True):
                     cascade[n] = cascade.get(n, 0.) + v / len(patches)
         total = total + aux.independent_weight * sum(independent.values()) \
             + aux.cascade_weight * sum(cascade.values())
-        # the stage outputs the neck sees: detached, from the last module's
-        # point of view
+        # the stage outputs the neck sees: detached from the last module's
+        # point of view, unless attached (attach_stages)
         h_out = {}
         seq.forward_blocks(seq.forward_stem(x, {}) if k == 0 else x,
                            start, end, h_out)
-        outs.update({s: v.detach() for s, v in h_out.items()})
+        outs.update({s: v if s in learner.attach_stages else v.detach()
+                     for s, v in h_out.items()})
         x = h.detach()
     with learner._backbone_runs_last_module(x, ranges[-1][0], outs):
         loss, _ = learner.parse_losses(learner.model.loss(inputs, samples))
@@ -144,6 +145,28 @@ def test_attached_stage_with_cascade():
     assert not any(torch.count_nonzero(g[n])
                    for n in module_params(learner, 0))
     del twin
+
+
+def test_attached_stage_gradients_equal_two_stream_reference(monkeypatch):
+    """A module whose stage the neck sees (attach_stages) hands its pending
+    gradient to the model's backward (_JoinPending): one pass through its
+    graph, the same gradients as the reference; nothing is kept after."""
+    from mmlocal.models.local import learner as learner_module
+    learner = build(num_modules=4, attach_stages=[1],
+                    aux=cascade_aux(patch_grid=1))
+    twin = copy.deepcopy(learner)
+    batch = det_batch()
+    joined = []
+    join = learner_module._join_pending
+
+    def spy(loss, deferred):
+        joined.append(len(deferred))
+        return join(loss, deferred)
+
+    monkeypatch.setattr(learner_module, '_join_pending', spy)
+    got = _step(learner, batch)
+    assert joined == [1] and learner._deferred == []
+    _assert_close(got, cascade_reference_grads(twin, batch))
 
 
 def test_gradient_accumulation_scales_cascade_losses():

@@ -255,25 +255,34 @@ class CascadeLocalAux(InfoProAux):
             losses[self._cascade_name(name)] = self.cascade_weight * value
         return losses
 
-    def _weight_vector(self, weights, like):
-        """``weights`` as a tensor on ``like``'s device and dtype, made
-        once (not a kernel per step)."""
-        cache = self.__dict__.setdefault('_weight_vectors', {})
-        key = (weights, like.device, like.dtype)
+    def _weight_matrix(self, num_ind, num_cas, like):
+        """``(1 + num_cas, num_ind + num_cas)``: row 0 sums the independent
+        terms times ``w_x``, row ``1 + i`` is cascade term ``i`` times
+        ``w_y``; on ``like``'s device and dtype, made once (not a kernel
+        per step)."""
+        cache = self.__dict__.setdefault('_weight_matrices', {})
+        key = (num_ind, num_cas, self.independent_weight,
+               self.cascade_weight, like.device, like.dtype)
         if key not in cache:
-            cache[key] = torch.tensor(weights, device=like.device,
-                                      dtype=like.dtype)
+            matrix = torch.zeros(1 + num_cas, num_ind + num_cas,
+                                 dtype=like.dtype, device=like.device)
+            matrix[0, :num_ind] = self.independent_weight
+            for i in range(num_cas):
+                matrix[1 + i, num_ind + i] = self.cascade_weight
+            cache[key] = matrix
         return cache[key]
 
     def _weighted_sum(self, independent, cascade):
         """The local loss ``w_x sum(ind) + w_y sum(cas)`` and its detached
         logs (those of :meth:`_weighted`).
 
-        The terms are stacked, multiplied by one weight vector and summed:
-        three kernels forward and one backward instead of a product per
-        weight and a sum per term (and their backward). Every term's
-        gradient is exactly ``w * upstream``, as through the products;
-        the loss value may differ from theirs by float reassociation.
+        The terms are stacked and mapped to the logged parts ``[w_x
+        sum(ind), w_y cas_1, ...]`` by one matrix-vector product, whose sum
+        is the loss: three kernels forward and one backward instead of a
+        product per weight, a sum per term and their backward. Each term's
+        gradient is ``w * upstream`` exactly (one non-zero weight per
+        column); values may differ from the sum of products by float
+        reassociation.
         """
         terms = list(independent.values()) + list(cascade.values())
         if not (independent and cascade and all(
@@ -282,15 +291,14 @@ class CascadeLocalAux(InfoProAux):
             return (ind + self.cascade_weight * self._total(cascade),
                     self._detached(independent, cascade, ind))
         stacked = torch.stack(terms)
-        weights = (self.independent_weight, ) * len(independent) + \
-            (self.cascade_weight, ) * len(cascade)
-        weighted = stacked * self._weight_vector(weights, stacked)
-        parts = weighted.detach().unbind()
-        num = len(independent)
-        logs = LocalLogs(loss_ind=functools.reduce(torch.add, parts[:num]))
-        for name, value in zip(cascade, parts[num:]):
+        parts = torch.mv(
+            self._weight_matrix(len(independent), len(cascade), stacked),
+            stacked)
+        loss = parts.sum()
+        values = parts.detach().unbind()
+        logs = LocalLogs(loss_ind=values[0])
+        for name, value in zip(cascade, values[1:]):
             logs[self._cascade_name(name)] = value
-        loss = weighted.sum()
         logs.total = loss.detach()
         return loss, logs
 
