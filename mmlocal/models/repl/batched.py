@@ -243,7 +243,7 @@ class BatchedSynthesis:
             for r, p, _ in self.folds
         ]
         # positions of the folded norms' weights, then biases, in the
-        # flattened [item, vector, C] output of the (padded) vector class
+        # flattened [item, C, vector] output of the (padded) vector class
         self.fold_index = None
         if self.pad_vectors and self.folds:
             where = {}
@@ -253,13 +253,13 @@ class BatchedSynthesis:
                 c, cols = self.class_dims[ci]
                 for i, item in enumerate(cls):
                     for j, key in enumerate(item.tensors):
-                        where[(item.rep, key)] = (ci, (i * cols + j) * c)
+                        where[(item.rep, key)] = (ci, i * c * cols + j, cols)
             index = []
             for name in ('weight', 'bias'):
                 for (r, path, norm), width in zip(self.folds,
                                                   self.fold_channels):
-                    ci, start = where[(r, (norm, name))]
-                    index.extend(range(start, start + width))
+                    ci, start, step = where[(r, (norm, name))]
+                    index.extend(range(start, start + width * step, step))
             self.fold_class = ci
             self.fold_index = index
         else:
@@ -353,6 +353,8 @@ class BatchedSynthesis:
             if vector:  # [side, item, vector, C] -> [., C, vector]
                 out = batched(stacked,
                               s_parts[ci].view(2 * n, cols, c).transpose(1, 2))
+                if self.pad_vectors:  # read by fold_index
+                    return out
                 # [item, vector, C], each vector its own contiguous piece
                 return out.transpose(1, 2).reshape(n * cols, c)
             return batched(stacked, s_parts[ci].view(2 * n, c, cols), scale)
@@ -541,7 +543,7 @@ class BatchedSynthesis:
         with torch.no_grad():
             s, t = cache.scale.detach(), cache.shift.detach()
             ok = s.abs() > 1e-12
-            inv = torch.where(ok, s.reciprocal(), 0.)
+            inv = s.reciprocal()  # (inf where s == 0: not selected below)
             mean = torch.where(ok, (cache.aux_mean - t) * inv, cache.mean)
             var = torch.where(ok, cache.aux_var * inv * inv, cache.var)
             sizes = [len(m) for m in cache.means]
