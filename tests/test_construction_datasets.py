@@ -8,7 +8,6 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.registry import DATASETS, METRICS, DefaultScope
 from mmengine.structures import InstanceData
@@ -19,6 +18,7 @@ from build_cfgs_datasets import (CIS_FILE_NAMES, MOCS_NAMES, SODA_IMAGES,
                                  rect_annotation, voc_xml, write_cis,
                                  write_mocs, write_soda)
 from conftest import REPO
+from local_utils import parsed_config
 from mmlocal.datasets import CISDataset, MOCSDataset, SODADataset
 
 CONFIGS = osp.join(REPO, 'configs', '_base_', 'datasets')
@@ -453,7 +453,7 @@ def test_pycocotools_counts_a_match_to_annotation_id_0_as_a_miss(tmp_path):
 
 
 def _dataset_cfg(config, split, data_root):
-    cfg = Config.fromfile(osp.join(CONFIGS, config))
+    cfg = parsed_config(osp.join(CONFIGS, config))
     dataset = copy.deepcopy(cfg[f'{split}_dataloader']['dataset'])
     dataset['data_root'] = str(data_root)
     evaluator = cfg[f'{split}_evaluator'] if split != 'train' else None

@@ -9,7 +9,6 @@ family runs on RetinaNet, every other detector (GFL, FCOS, Mask R-CNN) with
 HPFF (whose PFF crops the samples) and DGL, and the sample variants with
 HPFF on Mask R-CNN (masks in the samples).
 """
-import copy
 import os.path as osp
 
 import numpy as np
@@ -20,7 +19,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 from mmengine.structures import InstanceData
 
-from local_utils import small_aux
+from local_utils import parsed_config, small_aux
 from mmlocal.registry import MODELS
 
 mmdet_testing = pytest.importorskip('mmdet.testing')
@@ -42,9 +41,8 @@ def detector_cfg(fname):
         return mmdet_testing.get_detector_cfg(fname)
     except Exception:  # mmdet raises a bare Exception without a checkout
         import mmdet
-        from mmengine.config import Config
         path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', fname)
-        return copy.deepcopy(Config.fromfile(path).model)
+        return parsed_config(path).model  # parsed once, a copy each time
 
 
 def tiny_detector(name):

@@ -5,10 +5,10 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn.functional as F
-from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from conftest import REPO
+from local_utils import parsed_config
 from mmlocal.models.gso_yolo.scm import EMAttention
 from mmlocal.registry import MODELS
 
@@ -21,7 +21,7 @@ def test_default_groups_divide_every_width(size, channels):
     """G = 32 (the EMA authors' default) is the block's and the configs'
     default, and it builds at the SCM input of GSO-YOLO n/s/m."""
     assert EMAttention(channels).groups == 32
-    cfg = Config.fromfile(
+    cfg = parsed_config(
         osp.join(CONFIG_DIR, f'gso-yolo_{size}_8xb16-300e_soda.py'))
     assert cfg.model.backbone.scm == dict(
         type='mmlocal.EMAttention', groups=32)
