@@ -23,11 +23,17 @@ def _grouped_loss(head, groups):
     """Within the context ``head.loss(...)`` is ``head.loss(...,
     groups=groups)``: each of the ``groups`` interleaved groups of the batch
     normalised alone, the groups averaged."""
-    head.loss = functools.partial(type(head).loss, head, groups=groups)
+    saved = head.__dict__.get('loss')  # a wrapper of the instance's own
+    head.loss = functools.partial(
+        saved if saved is not None else type(head).loss.__get__(head),
+        groups=groups)
     try:
         yield
     finally:
-        del head.loss
+        if saved is None:
+            del head.loss
+        else:
+            head.loss = saved
 
 
 class CascadeLocalAux(InfoProAux):
