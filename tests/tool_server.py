@@ -160,18 +160,31 @@ class _Server:
             cwd='/', text=True, bufsize=1)
         self.next_id = 0
         self.events = {}
+        self.pending = b''  # read from the pipe, not yet a whole line
         if self._line(600) != 'ready':
             raise RuntimeError('tool server did not start')
         self.dir = tempfile.mkdtemp(prefix='tool_server_')
 
     def _line(self, timeout):
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError('tool server exited')
-        return line.strip()
+        """The server's next line (``None`` after ``timeout`` seconds).
+        Read with ``os.read`` and split here: a buffered reader could hold
+        a second line that ``select`` would then wait for in vain."""
+        import time
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b'\n' not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError('tool server exited')
+            self.pending += chunk
+        line, self.pending = self.pending.split(b'\n', 1)
+        return line.decode().strip()
 
     def wait_for(self, kind, rid, timeout):
         import time
