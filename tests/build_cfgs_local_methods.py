@@ -22,6 +22,7 @@ BUILD_CFGS = {
     ('MODELS', 'SyncFreeL1Loss'): lambda: dict(loss_weight=2.0),
     ('MODELS', 'SyncFreeSmoothL1Loss'): lambda: dict(beta=0.5),
     ('MODELS', 'SyncFreeCrossEntropyLoss'): lambda: dict(avg_non_ignore=True),
+    ('MODELS', 'FusedFocalLoss'): lambda: dict(gamma=2.0, alpha=0.25),
     ('MODELS', 'HPFFAux'): lambda: dict(
         module_info=_info(), det_head=dict(feat_channels=8),
         independent_det_head=dict(feat_channels=8)),

@@ -98,7 +98,8 @@ def randomize(model, seed=1):
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
                 # tracked: the light layer does not recalibrate them
-                m.num_batches_tracked.fill_(1)
+                if m.num_batches_tracked is not None:
+                    m.num_batches_tracked.fill_(1)
 
 
 def assert_close(got, expected, name='', rel=1e-7):
