@@ -252,3 +252,18 @@ def _parsed_config(path, _cache={}):
         from mmengine.config import Config
         _cache[path] = Config.fromfile(path)
     return _cache[path]
+
+
+def spy_anchor_target_passes(monkeypatch):
+    """Count the shared anchor-target passes: returns the list that gets,
+    per ``multi_anchor_targets`` call, the number of heads it served."""
+    import mmlocal.models.local.heads.anchor_targets as at
+    calls = []
+    real = at.multi_anchor_targets
+
+    def spy(requests, *args, **kwargs):
+        calls.append(len(requests))
+        return real(requests, *args, **kwargs)
+
+    monkeypatch.setattr(at, 'multi_anchor_targets', spy)
+    return calls

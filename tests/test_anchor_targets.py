@@ -6,7 +6,7 @@ from mmdet.structures import DetDataSample
 from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData
 
-from local_utils import HostReads
+from local_utils import HostReads, spy_anchor_target_passes
 from mmlocal.models.local.heads import DetAuxHead
 from mmlocal.models.local.heads.anchor_targets import (
     SharedAnchorTargets, anchor_targets, multi_anchor_targets,
@@ -252,15 +252,7 @@ def test_shared_targets_one_pass_and_fallbacks(monkeypatch):
     """The first head of a batch computes every head's targets; a head
     whose sizes differ from the prediction, or that asks for other
     samples, is not served (it computes its own)."""
-    import mmlocal.models.local.heads.anchor_targets as at
-    calls = []
-    real = at.multi_anchor_targets
-
-    def spy(requests, *args, **kwargs):
-        calls.append(len(requests))
-        return real(requests, *args, **kwargs)
-
-    monkeypatch.setattr(at, 'multi_anchor_targets', spy)
+    calls = spy_anchor_target_passes(monkeypatch)
     heads = _aux_heads()
     group = SharedAnchorTargets(heads)
     samples = _samples()
@@ -292,18 +284,10 @@ def test_learner_step_same_with_shared_targets(monkeypatch):
     """A LocalLearner step with one target pass for all aux heads leaves
     exactly the losses and gradients of one pass per head."""
     from mmengine.optim import OptimWrapper  # noqa: F401
-    import mmlocal.models.local.heads.anchor_targets as at
     from local_utils import (TINY_RETINANET, KeepGradsOptimWrapper,
                              assert_same_step, det_batch, grads, small_aux)
     from mmlocal.models.local.learner import LocalLearner
-    calls = []
-    real = at.multi_anchor_targets
-
-    def spy(requests, *args, **kwargs):
-        calls.append(len(requests))
-        return real(requests, *args, **kwargs)
-
-    monkeypatch.setattr(at, 'multi_anchor_targets', spy)
+    calls = spy_anchor_target_passes(monkeypatch)
     runs = []
     for share in (True, False):
         init_default_scope('mmdet')

@@ -367,15 +367,8 @@ def test_train_stage_shares_the_stage_aux_targets(monkeypatch):
     own heads and the gradients are the same."""
     import mmlocal.models.local.heads.anchor_targets as at
     from local_utils import (KeepGradsOptimWrapper, assert_same_step,
-                             det_batch, grads)
-    calls = []
-    real = at.multi_anchor_targets
-
-    def spy(requests, *args, **kwargs):
-        calls.append(len(requests))
-        return real(requests, *args, **kwargs)
-
-    monkeypatch.setattr(at, 'multi_anchor_targets', spy)
+                             det_batch, grads, spy_anchor_target_passes)
+    calls = spy_anchor_target_passes(monkeypatch)
 
     def run(stages, share=True):
         learner = _tiny_learner(4)
