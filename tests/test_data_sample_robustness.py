@@ -71,15 +71,19 @@ def aux_cfg(family):
     kind = dict(
         dgl='mmlocal.DGLAux', infopro='mmlocal.InfoProAux',
         man='mmlocal.MomentumAux', manpp='mmlocal.MomentumAux',
-        hpff='mmlocal.HPFFAux', mlaan='mmlocal.MLAANAux',
+        hpff='mmlocal.HPFFAux', hpff_recon='mmlocal.HPFFAux',
+        mlaan='mmlocal.MLAANAux',
         auglocal='mmlocal.AugLocalAux')[family]
     cfg = small_aux(kind)
     if family == 'manpp':
         cfg['learnable_scale'] = True
-    if family in ('hpff', 'mlaan'):
+    if family in ('hpff', 'hpff_recon', 'mlaan'):
         cfg.update(independent_det_head=dict(feat_channels=16))
     if family == 'hpff':
-        cfg.update(patch_grid=2)
+        # the ground-truth crops are what these tests exercise
+        cfg.update(patch_grid=2, patch_parts='all')
+    if family == 'hpff_recon':
+        cfg.update(patch_grid=2, patch_parts='recon')
     return cfg
 
 
@@ -142,7 +146,8 @@ def one_step(learner, batch):
     return out
 
 
-FAMILIES = ['dgl', 'infopro', 'man', 'manpp', 'hpff', 'mlaan', 'auglocal']
+FAMILIES = ['dgl', 'infopro', 'man', 'manpp', 'hpff', 'hpff_recon', 'mlaan',
+            'auglocal']
 
 
 @pytest.mark.parametrize('family', FAMILIES)

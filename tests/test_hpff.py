@@ -5,6 +5,7 @@ import pytest
 import torch
 from mmengine.optim import OptimWrapper
 
+from mmlocal.models.local.aux import pff
 from local_utils import (TINY_FCN, KeepGradsOptimWrapper, det_batch, grads,
                          module_phase_peak, seg_batch)
 from test_local_cascade import (_assert_close, _step, cascade_aux,
@@ -182,6 +183,7 @@ def test_uneven_patches():
     (dict(independent_weight=-1.0), 'independent_weight'),
     (dict(patch_reduction='max'), 'patch_reduction'),
     (dict(patch_batch='yes'), 'patch_batch'),
+    (dict(patch_parts='decoder'), 'patch_parts'),
     (dict(patch_grid=2, patch_batch=True, with_cp=True), 'with_cp'),
 ])
 def test_bad_options_name_the_option(kwargs, match):
@@ -280,3 +282,98 @@ def test_patch_reduction_sum_is_p2_times_mean():
     for name in mean:
         want = mean[name] if name == 'loss_ind' else 4 * mean[name]
         torch.testing.assert_close(total[name], want, msg=name)
+
+
+def _recon_scope_reference(learner, batch):
+    """``patch_parts='recon'`` as the HPFF reference defines PFF: the
+    cascade task head on the whole window output, only the decoder on the
+    patches (each against its region of the image, padding left out),
+    written out here from the pieces (decoder, slices), all in one graph."""
+    from mmlocal.models.local.heads.recon_decoder import padding_mask
+    data = learner.data_preprocessor(batch, True)
+    inputs, samples = data['inputs'], data['data_samples']
+    seq, span, ranges = learner._seq, learner.cascade_span, \
+        learner.module_ranges
+
+    def run(j, x):
+        start, end = ranges[j]
+        return seq.forward_blocks(seq.forward_stem(x, {}) if j == 0 else x,
+                                  start, end, {})
+
+    total, x, x_in, outs = 0., inputs, [], {}
+    image = None
+    for k, (start, end) in enumerate(ranges[:-1]):
+        x_in.append(x)
+        aux = learner.aux_nets[k]
+        if image is None:
+            image = aux.image01(inputs)
+            valid = padding_mask(samples, inputs)
+            assert (valid is None) == (learner.aux_nets[0].task == 'seg')
+        h = run(k, x)
+        ind = aux.independent_loss(h, inputs, samples)
+        z = x_in[max(0, k - span + 1)]
+        for j in range(max(0, k - span + 1), k + 1):
+            z = run(j, z)
+        cas = sum(aux.task_weight * v for v in aux.task_head.loss(
+            aux.transform(z), inputs, samples).values())
+        rows = pff.grid_slices(z.shape[-2], aux.patch_grid, 'uneven')
+        cols = pff.grid_slices(z.shape[-1], aux.patch_grid, 'uneven')
+        s = aux.in_stride
+        for r0, r1 in rows:
+            for c0, c1 in cols:
+                box = (..., slice(r0 * s, r1 * s), slice(c0 * s, c1 * s))
+                # 'sum': the reference's sum of the patch BCEs
+                cas = cas + aux.recon_weight * aux.recon.loss(
+                    aux.transform(z[..., r0:r1, c0:c1]), image[box],
+                    None if valid is None else valid[box]) / (
+                        aux.patch_grid**2
+                        if aux.patch_reduction == 'mean' else 1)
+        total = total + aux.independent_weight * sum(ind.values()) + \
+            aux.cascade_weight * cas
+        h_out = {}
+        seq.forward_blocks(seq.forward_stem(x, {}) if k == 0 else x, start,
+                           end, h_out)
+        outs.update({n: v.detach() for n, v in h_out.items()})
+        x = h.detach()
+    with learner._backbone_runs_last_module(x, ranges[-1][0], outs):
+        loss, _ = learner.parse_losses(learner.model.loss(inputs, samples))
+    (total + loss).backward()
+    return grads(learner)
+
+
+@pytest.mark.parametrize('case', ['det', 'seg-uneven-sum'])
+def test_recon_patch_parts_equal_the_reference_pff(case):
+    """``patch_parts='recon'``: one patch at a time, stacked
+    (``patch_batch``) and the written-out reference give the same
+    gradients; the cascade task head runs once, on the whole input."""
+    if case == 'det':
+        learner = build(num_modules=3,
+                        aux=hpff(patch_grid=2, patch_parts='recon'))
+        batch = det_batch()
+    else:  # 8x8 map cut 3 + 3 + 2: four patch sizes
+        learner = build(TINY_FCN, 'mmseg', num_modules=2,
+                        aux=hpff(patch_grid=3, patch_remainder='uneven',
+                                 patch_parts='recon',
+                                 patch_reduction='sum'))
+        batch = seg_batch()
+    # det: the first image is padded (its image 56 rows high), the
+    # decoder's patches leave the padding out of their targets (mmseg's
+    # preprocessor resets img_shape: no padding there)
+    shape = batch['data_samples'][0].metainfo['img_shape']
+    batch['data_samples'][0].set_metainfo(
+        dict(img_shape=(shape[0] - 8, shape[1])))
+    batched, reference = copy.deepcopy(learner), copy.deepcopy(learner)
+    for aux in batched.aux_nets:
+        aux.patch_batch = True
+    aux = learner.aux_nets[0]
+    calls = []
+    loss = aux.task_head.loss
+    aux.task_head.loss = lambda y, *args, **kwargs: calls.append(
+        y.shape) or loss(y, *args, **kwargs)
+    got = _step(learner, batch)
+    assert len(calls) == 1 and calls[0][-1] == 64 // aux.in_stride
+    want = _recon_scope_reference(reference, batch)
+    _assert_close(got, want)
+    _assert_close(_step(batched, batch), want)
+    assert any(torch.count_nonzero(v) for n, v in got.items()
+               if n.startswith('aux_nets.0.recon'))

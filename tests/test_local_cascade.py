@@ -11,7 +11,11 @@ from test_local_learner import build, module_params
 
 
 def cascade_aux(type='mmlocal.HPFFAux', **kwargs):
-    """Narrow two-stream aux (fast tests)."""
+    """Narrow two-stream aux (fast tests). HPFF patches the whole cascade
+    aux (``patch_parts='all'``, what :func:`cascade_reference_grads`
+    computes) unless told otherwise."""
+    if type == 'mmlocal.HPFFAux':
+        kwargs.setdefault('patch_parts', 'all')
     kwargs.setdefault('independent_det_head', dict(feat_channels=16))
     kwargs.setdefault('independent_seg_head',
                       dict(channels=16, head=dict(dropout_ratio=0.0)))

@@ -74,6 +74,8 @@ def test_pff_detection_configs_take_odd_feature_maps(path):
     import torch
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData
+
+    from mmlocal.models.local.aux.pff import release_patch_layouts
     model = _build(path)
     nets = [a for a in model.aux_nets if getattr(a, 'patch_grid', 1) > 1]
     assert nets
@@ -86,7 +88,15 @@ def test_pff_detection_configs_take_odd_feature_maps(path):
             bboxes=torch.tensor([[10., 10., 300., 200.]]),
             labels=torch.tensor([0]))
         h = torch.zeros(1, 2, 25, 42)
-        patches = aux.patches(h, inputs, [sample])
+        if aux.patch_parts == 'recon':
+            patches = aux.recon_patches(h, inputs, [sample])
+            # each feature patch comes with its image region
+            assert all(img.shape[-2:] == (p.shape[-2] * stride,
+                                          p.shape[-1] * stride)
+                       for p, img, _ in patches)
+        else:
+            patches = aux.patches(h, inputs, [sample])
         assert len(patches) == aux.patch_grid ** 2
         assert sum(p[0].shape[-2] * p[0].shape[-1]
                    for p in patches) == 25 * 42
+        release_patch_layouts(inputs)

@@ -1,7 +1,7 @@
 # HPFF (Su et al., ECCV 2024): independent local modules (light head, weight
 # 0.001) + cascade modules joining modules k-1 and k (InfoPro loss, weight
-# 0.999); the cascade aux input is processed as 2x2 patches (PFF), one
-# patch at a time.
+# 0.999); the cascade aux's reconstruction decoder runs on 2x2 patches of
+# its input (PFF, as the reference), one patch at a time.
 _base_ = './infopro_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
 
 model = dict(

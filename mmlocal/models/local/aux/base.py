@@ -294,21 +294,33 @@ class BaseLocalAux(BaseModule):
         Returns:
             dict[str, Tensor]: loss terms; their sum is back-propagated.
         """
+        y = self.aux_input(h)
+        losses = self.task_losses(y, inputs, data_samples)
+        if self.recon is not None:
+            losses['loss_recon'] = self.recon_loss(y, inputs, data_samples)
+        return losses
+
+    def aux_input(self, h):
+        """``transform(h)`` (compiled, or in checkpointed segments, as the
+        options say)."""
         if self.compiled.enabled and \
                 type(self).transform is not BaseLocalAux.transform:
-            y = self.compiled(self, 'transform', h)
-        elif self._transform_segments():
-            y = self.transform(h)
-        else:
-            y = self.segment(self.transform, h)
+            return self.compiled(self, 'transform', h)
+        if self._transform_segments():
+            return self.transform(h)
+        return self.segment(self.transform, h)
+
+    def task_losses(self, y, inputs, data_samples):
+        """The task head's loss terms on ``y``, times ``task_weight``."""
         losses = {}
         for name, value in self.segment(self.task_head.loss, y, inputs,
                                         data_samples).items():
             # x * 1.0 is x: no kernel (and no backward one) for weight 1
             losses[name] = value if self.task_weight == 1.0 else \
                 value * self.task_weight
-        if self.recon is not None:
-            losses['loss_recon'] = self.recon_weight * self.segment(
-                self.recon.loss, y,
-                *self.recon_inputs(inputs, data_samples))
         return losses
+
+    def recon_loss(self, y, inputs, data_samples):
+        """``recon_weight`` times the decoder's BCE on ``y``."""
+        return self.recon_weight * self.segment(
+            self.recon.loss, y, *self.recon_inputs(inputs, data_samples))

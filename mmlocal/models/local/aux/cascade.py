@@ -7,8 +7,8 @@ import torch
 
 from mmlocal.registry import MODELS
 from .infopro import InfoProAux
-from .pff import (grouped_batch_norm, iter_patches, release_patch_layouts,
-                  stack_patches)
+from .pff import (grouped_batch_norm, image_patches, iter_patches,
+                  release_patch_layouts, stack_patches)
 
 
 class LocalLogs(dict):
@@ -72,6 +72,14 @@ class CascadeLocalAux(InfoProAux):
     one forward and one backward instead of ``P^2``, at the memory of no
     PFF (all patches' aux activations alive at once).
 
+    What is cut into patches (``patch_parts``): ``'all'`` (default) runs
+    the whole cascade aux (task head and decoder) on each patch; ``'recon'``
+    only the reconstruction decoder, as the HPFF reference does (its
+    classifier sees the whole ``z``): ``L_cas = lambda_2 L_task(c(z)) +
+    lambda_1 R_p BCE(D(z_p), x_p)`` with ``R_p`` the patch mean or sum. The
+    task head then shares the batch's full-image anchor targets with the
+    other aux heads; only the decoder's activations are per patch.
+
     Args:
         module_info (LocalModuleInfo): Filled in by ``LocalLearner``.
         cascade_span (int): ``w``, modules per cascade window, in
@@ -90,11 +98,16 @@ class CascadeLocalAux(InfoProAux):
             or ``'uneven'`` (patches differ by at most one row/column).
         patch_reduction (str): ``'mean'`` (default) or ``'sum'`` of the
             patch losses.
+        patch_parts (str): ``'all'`` (default): task head and decoder on
+            the patches; ``'recon'``: only the decoder (the reference's
+            PFF), the task head on the whole input. A family without
+            decoder (``recon_weight`` 0 at module k) then cuts nothing.
         patch_batch (bool): Run the ``P^2`` patches as one stacked batch
             (fewer kernel launches, no PFF memory saving) instead of one
             after the other; patches of unequal size (``'uneven'``) as one
-            stack per size (up to 4). Needs task heads whose ``loss`` takes
-            ``groups`` (:class:`DetAuxHead`, :class:`SegAuxHead`), and
+            stack per size (up to 4). With ``patch_parts='all'`` it needs
+            task heads whose ``loss`` takes ``groups``
+            (:class:`DetAuxHead`, :class:`SegAuxHead`); always
             neither ``with_cp`` nor ``compile``. Default False.
         **kwargs: :class:`InfoProAux` options of the cascade aux
             (``recon_weight``, ``task_weight``, heads).
@@ -110,6 +123,7 @@ class CascadeLocalAux(InfoProAux):
                  patch_grid=1,
                  patch_remainder='error',
                  patch_reduction='mean',
+                 patch_parts='all',
                  patch_batch=False,
                  **kwargs):
         num_modules = module_info.num_modules
@@ -128,6 +142,9 @@ class CascadeLocalAux(InfoProAux):
         if patch_reduction not in ('mean', 'sum'):
             raise ValueError(f"patch_reduction={patch_reduction!r} must be "
                              "'mean' or 'sum'")
+        if patch_parts not in ('all', 'recon'):
+            raise ValueError(f"patch_parts={patch_parts!r} must be 'all' "
+                             "or 'recon'")
         if not isinstance(patch_batch, bool):
             raise ValueError(f'patch_batch={patch_batch!r} must be a bool')
         for name, value in (('independent_weight', independent_weight),
@@ -140,6 +157,7 @@ class CascadeLocalAux(InfoProAux):
         self.patch_grid = patch_grid
         self.patch_remainder = patch_remainder
         self.patch_reduction = patch_reduction
+        self.patch_parts = patch_parts
         self.patch_batch = patch_batch
         self.in_stride = module_info.stride
         super().__init__(module_info, **kwargs)
@@ -153,7 +171,7 @@ class CascadeLocalAux(InfoProAux):
                 raise ValueError('patch_batch=True does not support '
                                  'compile (the compiled graphs would not '
                                  'see the per-patch BN statistics)')
-            if 'groups' not in inspect.signature(
+            if patch_parts == 'all' and 'groups' not in inspect.signature(
                     self.task_head.loss).parameters:
                 raise ValueError(
                     'patch_batch=True needs a task head whose loss takes '
@@ -229,10 +247,72 @@ class CascadeLocalAux(InfoProAux):
                     else value
         return losses
 
+    def recon_patches(self, h, inputs, data_samples, batch=False):
+        """``patch_parts='recon'``: the PFF grid over ``h`` with the
+        matching regions of the reconstruction target's image and padding
+        mask (:func:`image_patches`; no ground truth is cropped): per patch
+        ``(h_p, image_p, valid_p)``, or with ``batch`` the stacks
+        ``(h_b, image_b, valid_b, groups)``."""
+        image, valid = self.recon_inputs(inputs, data_samples)
+        return image_patches(h, inputs, image, valid, self.patch_grid,
+                             self.in_stride, self.patch_remainder, batch)
+
+    def recon_patch_loss(self, h, image, valid, scale=1.0, groups=1):
+        """``patch_parts='recon'``: the reconstruction term of one patch or
+        stack of ``groups`` patches (:meth:`recon_patches`) times
+        ``recon_weight * scale``."""
+        return (self.recon_weight * scale) * self.segment(
+            self.recon.loss, self.aux_input(h), image, valid, groups)
+
+    def batched_recon_loss(self, stacks):
+        """``patch_parts='recon'``: the reconstruction term of the stacked
+        patches, reduced over the patches (``patch_reduction``); each BN
+        layer normalises every patch group alone, as in
+        :meth:`batched_cascade_loss`."""
+        total = None
+        for h_b, image_b, valid_b, groups in stacks:
+            scale = groups * self._patch_scale
+            with grouped_batch_norm(self, groups):
+                value = self.recon_patch_loss(h_b, image_b, valid_b, scale,
+                                              groups)
+            total = value if total is None else total + value
+        return total
+
+    def _cascade(self, h, inputs, data_samples, stacked):
+        """The reduced cascade terms in one graph (``stacked``: the
+        patches of :meth:`_batched`, or None)."""
+        if self.patch_grid == 1:
+            return self.cascade_loss(h, inputs, data_samples)
+        if self.patch_parts == 'recon':
+            cascade = self.task_losses(self.aux_input(h), inputs,
+                                       data_samples)
+            if self.recon is None:
+                return cascade
+            if stacked is not None:
+                cascade['loss_recon'] = self.batched_recon_loss(stacked)
+                return cascade
+            recon = 0.
+            for patch in self.recon_patches(h, inputs, data_samples):
+                recon = recon + self.recon_patch_loss(*patch,
+                                                      self._patch_scale)
+            cascade['loss_recon'] = recon
+            return cascade
+        if stacked is not None:
+            return self.batched_cascade_loss(stacked)
+        cascade = {}
+        for patch in self.patches(h, inputs, data_samples):
+            for name, value in self.cascade_loss(*patch).items():
+                cascade[name] = cascade.get(name, 0.) + \
+                    value * self._patch_scale
+        return cascade
+
     def _batched(self, h, inputs, data_samples):
         """The stacked patches when ``patch_batch`` applies, else None."""
         if not self.patch_batch or self.patch_grid == 1:
             return None
+        if self.patch_parts == 'recon':
+            return None if self.recon is None else self.recon_patches(
+                h, inputs, data_samples, batch=True)
         return self.stacked_patches(h, inputs, data_samples)
 
     @staticmethod
@@ -317,17 +397,8 @@ class CascadeLocalAux(InfoProAux):
             attached.
         """
         independent = self.independent_loss(h, inputs, data_samples)
-        stacked = self._batched(h, inputs, data_samples)
-        if self.patch_grid == 1:
-            cascade = self.cascade_loss(h, inputs, data_samples)
-        elif stacked is not None:
-            cascade = self.batched_cascade_loss(stacked)
-        else:
-            cascade = {}
-            for patch in self.patches(h, inputs, data_samples):
-                for name, value in self.cascade_loss(*patch).items():
-                    cascade[name] = cascade.get(name, 0.) + \
-                        value * self._patch_scale
+        cascade = self._cascade(h, inputs, data_samples,
+                                self._batched(h, inputs, data_samples))
         return self._weighted(independent, cascade)
 
     def backward_streams(self, h_independent, h_cascade, inputs,
@@ -367,13 +438,16 @@ class CascadeLocalAux(InfoProAux):
         stacked = self._batched(h_cascade, inputs, data_samples)
         if self.patch_grid == 1 or stacked is not None:
             with forward_context():
-                cascade = self.cascade_loss(
-                    h_cascade, inputs, data_samples) if stacked is None \
-                    else self.batched_cascade_loss(stacked)
+                cascade = self._cascade(h_cascade, inputs, data_samples,
+                                        stacked)
             del stacked
             loss, logs = self._weighted_sum(independent, cascade)
             backward(loss)
             return logs
+        if self.patch_parts == 'recon':
+            return self._backward_recon_patches(
+                independent, h_cascade, inputs, data_samples, backward,
+                forward_context)
         ind = self.independent_weight * self._total(independent)
         backward(ind)
         cascade = {}
@@ -393,6 +467,35 @@ class CascadeLocalAux(InfoProAux):
             cascade = {name: value * self._patch_scale
                        for name, value in cascade.items()}
         return self._detached(independent, cascade, ind)
+
+    def _backward_recon_patches(self, independent, h_cascade, inputs,
+                                data_samples, backward, forward_context):
+        """``patch_parts='recon'``, one patch at a time: the independent
+        and the cascade task terms (whole input) back-propagated together,
+        then each patch's reconstruction share at once (its decoder
+        activations freed before the next patch runs)."""
+        with forward_context():
+            whole = self.task_losses(self.aux_input(h_cascade), inputs,
+                                     data_samples)
+        loss, logs = self._weighted_sum(independent, whole)
+        backward(loss)
+        del loss, whole
+        if self.recon is None:
+            return logs
+        share = self.cascade_weight * self._patch_scale
+        recon = None
+        for patch in self.recon_patches(h_cascade, inputs, data_samples):
+            with forward_context():
+                value = self.recon_patch_loss(*patch)
+            backward(share * value)
+            value = value.detach()
+            recon = value if recon is None else recon + value
+            del patch
+        recon = share * recon
+        logs[self._cascade_name('loss_recon')] = recon
+        if getattr(logs, 'total', None) is not None:
+            logs.total = logs.total + recon
+        return logs
 
     def _detached(self, independent, cascade, ind=None):
         return {name: value.detach() for name, value in self._weighted(

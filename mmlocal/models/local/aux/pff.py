@@ -388,21 +388,249 @@ def stack_patches(h, inputs, data_samples, grid, stride, task,
             for regions, inputs_b, samples_b in layout]
 
 
-def _grouped_bn_forward(bn, groups, x):
+def _cut_images(images, pixels, groups, even, grid, stride, ph, pw):
+    """``images`` ``(N, C, H, W)`` (or None) cut like the feature: one
+    ``(N * G_s, C, ., .)`` stack per group of same-sized regions."""
+    if images is None:
+        return [None] * len(groups)
+    if even:
+        return [_split(images, grid, ph * stride, pw * stride)]
+    return [
+        torch.stack([images[..., y0:y1, x0:x1]
+                     for y0, y1, x0, x1 in (pixels[i] for i in group)],
+                    1).flatten(0, 1) for group in groups
+    ]
+
+
+def image_patches(h, inputs, images, valid, grid, stride, remainder='error',
+                  batch=False):
+    """The PFF grid of ``h`` with the same regions of per-pixel maps only
+    (no ground truth cropped): what a reconstruction decoder needs.
+
+    Args:
+        h (Tensor): ``(N, C, H, W)`` feature of stride ``stride``.
+        inputs (Tensor): The batch the maps belong to (the cache key:
+            the cut maps are made once per batch and geometry and dropped
+            with :func:`release_patch_layouts`).
+        images (Tensor): ``(N, 3, H_in, W_in)``, e.g. the image in [0, 1].
+        valid (Tensor, optional): ``(N, 1, H_in, W_in)`` padding mask
+            (:func:`padding_mask`), cut alike; None: no padding.
+        grid, stride, remainder: As in :func:`iter_patches`.
+        batch (bool): False: ``[(h_p, images_p, valid_p), ...]`` per
+            patch, row-major (``h_p`` a view of ``h``); True: the stacks
+            of :func:`stack_patches`, ``[(h_b, images_b, valid_b, G_s),
+            ...]``, sample-major.
+    """
+    height, width = h.shape[-2:]
+
+    def make():
+        rows, cols, pixels = _grid(h, inputs, grid, stride, remainder)
+        regions = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
+        if not batch:
+            return regions, [(images[..., y0:y1, x0:x1],
+                              None if valid is None else
+                              valid[..., y0:y1, x0:x1])
+                             for y0, y1, x0, x1 in pixels]
+        even = _even(h, inputs, grid, stride)
+        if even:
+            groups = [list(range(len(regions)))]
+        else:
+            by_size = {}
+            for i, (y0, y1, x0, x1) in enumerate(pixels):
+                r0, r1, c0, c1 = regions[i]
+                by_size.setdefault((r1 - r0, c1 - c0, y1 - y0, x1 - x0),
+                                   []).append(i)
+            groups = list(by_size.values())
+        args = (pixels, groups, even, grid, stride, height // grid,
+                width // grid)
+        return [[regions[i] for i in group] for group in groups], list(
+            zip(_cut_images(images, *args), _cut_images(valid, *args)))
+
+    regions, maps = _per_batch(
+        inputs, None, ('images', id(images), id(valid), height, width, grid,
+                       stride, remainder, batch), make)
+    if not batch:
+        return [(h[..., r0:r1, c0:c1], *m)
+                for (r0, r1, c0, c1), m in zip(regions, maps)]
+    if len(regions) == 1:  # even: one stack of all patches
+        return [(_split(h, grid, height // grid, width // grid), *maps[0],
+                 len(regions[0]))]
+    return [(torch.stack([h[..., r0:r1, c0:c1] for r0, r1, c0, c1 in group],
+                         1).flatten(0, 1), *m, len(group))
+            for group, m in zip(regions, maps)]
+
+
+class _RepeatAffine(torch.autograd.Function):
+    """``(weight, bias)`` ``(C, )`` each -> both repeated ``groups`` times,
+    ``(G * C, )``, from one ``cat`` (forward) and reduced by one ``sum``
+    per output (backward), instead of a ``repeat`` and its ``sum`` each
+    plus autograd's bookkeeping."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, groups):
+        ctx.groups = groups
+        both = torch.cat([weight.expand(groups, -1),
+                          bias.expand(groups, -1)]).view(2, -1)
+        return both[0], both[1]
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):
+        groups = ctx.groups
+        return (None if grad_weight is None else
+                grad_weight.view(groups, -1).sum(0),
+                None if grad_bias is None else
+                grad_bias.view(groups, -1).sum(0), None)
+
+
+def _group_stats_buffer(bn, size, like):
+    """A ``(2, size)`` scratch buffer per layer, device and dtype: rows
+    the per-group batch mean and unbiased variance that ``batch_norm``
+    writes when given them as running statistics with momentum 1 (kept
+    finite, so ``0 * old + new`` is exact; made once)."""
+    cache = bn.__dict__.setdefault('_group_stats', {})
+    key = (size, like.device, like.dtype)
+    if key not in cache:
+        cache[key] = torch.zeros(2, size, dtype=like.dtype,
+                                 device=like.device)
+    return cache[key]
+
+
+class _DeferredStats:
+    """The running-statistics updates of the BN layers (with a momentum)
+    that ran in one :func:`grouped_batch_norm` context, applied together
+    when it ends: their per-group statistics are written into slices of
+    one scratch buffer, mixed by one matrix product and folded into the
+    running buffers by one ``_foreach_lerp_`` per momentum (instead of a
+    product and a lerp per layer)."""
+
+    def __init__(self, module, layers, groups):
+        self.module = module
+        self.groups = groups
+        self.layers = [m for m in layers if m.momentum is not None]
+        self.ran = []
+        self._scratch = None
+
+    def scratch(self, bn):
+        """``(2, G * C)`` rows of the shared buffer for ``bn`` (the buffer
+        made once per module, layers, groups, device and dtype)."""
+        if self._scratch is None:
+            like = bn.running_mean
+            cache = self.module.__dict__.setdefault('_grouped_scratch', {})
+            key = (self.groups, tuple(map(id, self.layers)), like.device,
+                   like.dtype)
+            if key not in cache:
+                sizes = [self.groups * m.running_mean.numel()
+                         for m in self.layers]
+                offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+                cache[key] = (torch.zeros(2, sum(sizes), dtype=like.dtype,
+                                          device=like.device),
+                              dict(zip(map(id, self.layers),
+                                       zip(offsets, sizes))))
+            self._scratch = cache[key]
+        buffer, where = self._scratch
+        offset, size = where[id(bn)]
+        return buffer[:, offset:offset + size]
+
+    def record(self, bn):
+        """``bn`` is about to write its statistics: flush first if it
+        already has (a layer called twice in the context)."""
+        if any(m is bn for m in self.ran):
+            self.flush()
+        self.ran.append(bn)
+
+    @torch.no_grad()
+    def flush(self):
+        if not self.ran:
+            return
+        buffer, where = self._scratch
+        by_keep = {}
+        for bn in self.ran:
+            keep, _ = _running_coefs(bn, self.groups, bn.running_mean)
+            by_keep.setdefault(keep, []).append(bn)
+        for keep, layers in by_keep.items():
+            if keep == 1.0:
+                continue
+            mix = self._mixer(layers, buffer)
+            mixed = torch.mm(buffer, mix)
+            targets, sources, col = [], [], 0
+            for bn in layers:
+                c = bn.running_mean.numel()
+                targets += [bn.running_mean, bn.running_var]
+                sources += [mixed[0, col:col + c], mixed[1, col:col + c]]
+                col += c
+            torch._foreach_lerp_(targets, sources, 1 - keep)
+        self.ran = []
+
+    def _mixer(self, layers, buffer):
+        """``(rows of the buffer, sum of C)``: column ``c`` of layer
+        ``l`` is ``w_p`` at row ``offset_l + p * C_l + c``
+        (:func:`_running_coefs`); made once per set of layers."""
+        cache = _MIXERS.setdefault(buffer, {})
+        key = tuple(id(bn) for bn in layers) + tuple(
+            bn.momentum for bn in layers)
+        if key not in cache:
+            _, where = self._scratch
+            mix = buffer.new_zeros(
+                buffer.shape[1], sum(bn.running_mean.numel()
+                                     for bn in layers))
+            col = 0
+            for bn in layers:
+                _, coef = _running_coefs(bn, self.groups, bn.running_mean)
+                offset, _ = where[id(bn)]
+                c = bn.running_mean.numel()
+                eye = torch.eye(c, dtype=mix.dtype, device=mix.device)
+                for p in range(self.groups):
+                    row = offset + p * c
+                    mix[row:row + c, col:col + c] = eye * coef[p]
+                col += c
+            cache[key] = mix
+        return cache[key]
+
+
+# the mixing matrices of _DeferredStats, per scratch buffer (while it
+# lives)
+_MIXERS = WeakIdKeyDictionary()
+
+
+def _grouped_bn_forward(bn, groups, x, deferred=None):
     """``bn(x)`` with batch statistics per group of the sample-major batch
     (entries ``g, g + G, ...``): the same normalisation and running-
-    statistics updates as ``bn`` called on each group in turn."""
+    statistics updates as ``bn`` called on each group in turn.
+
+    The batch is viewed as ``(N / G, G * C, ...)`` (one channel per group
+    and channel) and normalised by one ``batch_norm`` with the affine
+    parameters repeated per group; its kernel also writes each group's
+    mean and unbiased variance into a scratch buffer, from which the
+    running statistics get the ``G`` successive momentum updates in
+    closed form (:func:`_update_running_stats`, or ``deferred``: all
+    layers of the context at its end, :class:`_DeferredStats`)."""
     use_batch_stats = bn.training or (bn.running_mean is None
                                       and bn.running_var is None)
     if not use_batch_stats:  # per-sample already: no grouping needed
         return type(bn).forward(bn, x)
     n, c = x.shape[0] // groups, x.shape[1]
     xg = x.reshape(n, groups * c, *x.shape[2:])
-    weight = None if bn.weight is None else bn.weight.repeat(groups)
-    bias = None if bn.bias is None else bn.bias.repeat(groups)
-    out = F.batch_norm(xg, None, None, weight, bias, True, 0.0, bn.eps)
-    if bn.training and bn.track_running_stats:
-        _update_running_stats(bn, xg.detach(), groups)
+    if bn.weight is not None and bn.bias is not None:
+        weight, bias = _RepeatAffine.apply(bn.weight, bn.bias, groups)
+    else:
+        weight = None if bn.weight is None else bn.weight.repeat(groups)
+        bias = None if bn.bias is None else bn.bias.repeat(groups)
+    update = bn.training and bn.track_running_stats
+    defer = update and deferred is not None and bn.momentum is not None
+    if defer:
+        deferred.record(bn)
+        stats = deferred.scratch(bn)
+    elif update:
+        stats = _group_stats_buffer(bn, groups * c, bn.running_mean)
+    else:
+        stats = None
+    out = F.batch_norm(xg, None if stats is None else stats[0],
+                       None if stats is None else stats[1], weight, bias,
+                       True, 1.0, bn.eps)
+    if update and not defer:
+        _update_running_stats(bn, stats, groups)
+    elif defer and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(groups)
     # back to x's shape, not as a view: the in-place ReLU that follows
     # would make autograd copy the view's slices in the backward (five
     # more kernels per layer). Safe: nothing saved for the backward holds
@@ -417,10 +645,10 @@ _COEFS = {}
 
 
 def _running_coefs(bn, groups, like):
-    """``(a, c)`` with ``r_G = a r_0 + sum_p c_p s_p`` for ``groups``
-    successive updates ``r <- (1 - f_p) r + f_p s_p`` (``f_p`` the
-    momentum, or ``1 / num_batches_tracked`` with ``momentum=None``);
-    ``c`` a tensor like ``like``."""
+    """``(a, w)`` with ``r_G = a r_0 + (1 - a) sum_p w_p s_p`` for
+    ``groups`` successive updates ``r <- (1 - f_p) r + f_p s_p`` (``f_p``
+    the momentum, or ``1 / num_batches_tracked`` with ``momentum=None``);
+    ``w`` a tensor like ``like`` (None when ``a = 1``: no update)."""
     if bn.momentum is None:
         seen = int(bn.num_batches_tracked)
         factors = [1.0 / (seen + p + 1) for p in range(groups)]
@@ -431,30 +659,32 @@ def _running_coefs(bn, groups, like):
     for p in reversed(range(groups)):
         coefs[p] = factors[p] * keep
         keep *= 1 - factors[p]
-    key = (tuple(coefs), like.device, like.dtype)
+    if keep == 1.0:
+        return keep, None
+    key = (tuple(coefs), keep, like.device, like.dtype)
     coef = _COEFS.get(key)
     if coef is None:
-        coef = torch.tensor(coefs, dtype=like.dtype, device=like.device)
+        coef = torch.tensor([c / (1 - keep) for c in coefs],
+                            dtype=like.dtype, device=like.device)
         if bn.momentum is not None:
             _COEFS[key] = coef
     return keep, coef
 
 
 @torch.no_grad()
-def _update_running_stats(bn, xg, groups):
+def _update_running_stats(bn, stats, groups):
     """Running statistics as ``groups`` successive BN calls leave them:
     ``r <- (1 - f_p) r + f_p s_p`` for ``p = 0..G-1`` (``f_p`` the momentum,
     or ``1 / num_batches_tracked`` with ``momentum=None``), in closed form
-    ``r_G = a r_0 + sum_p c_p s_p``: one ``addmv_`` per buffer."""
-    dims = [0] + list(range(2, xg.dim()))
-    var, mean = torch.var_mean(xg, dim=dims, correction=1)
-    c = bn.running_mean.numel()
-    dtype = bn.running_mean.dtype
+    ``r_G = lerp(r_0, sum_p w_p s_p, 1 - a)``: one matrix-vector product
+    of the ``(2, G * C)`` per-group statistics ``stats`` (mean and
+    unbiased variance) and one ``_foreach_lerp_`` for both buffers."""
     keep, coef = _running_coefs(bn, groups, bn.running_mean)
-    bn.running_mean.addmv_(mean.view(groups, c).t().to(dtype), coef,
-                           beta=keep)
-    bn.running_var.addmv_(var.view(groups, c).t().to(dtype), coef,
-                          beta=keep)
+    if coef is not None:
+        c = bn.running_mean.numel()
+        mixed = torch.matmul(stats.view(2, groups, c).transpose(1, 2), coef)
+        torch._foreach_lerp_([bn.running_mean, bn.running_var],
+                             list(mixed.unbind(0)), 1 - keep)
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(groups)
 
@@ -484,10 +714,18 @@ def grouped_batch_norm(module, groups):
                     'patch_batch=True does not support SyncBatchNorm in '
                     'the auxiliary net of a distributed run; use '
                     'patch_batch=False or BN')
-            m.forward = functools.partial(_grouped_bn_forward, m, groups)
             patched.append(m)
+    deferred = _DeferredStats(module, [
+        m for m in patched if m.track_running_stats
+        and m.running_mean is not None
+    ], groups) if patched else None
+    for m in patched:
+        m.forward = functools.partial(_grouped_bn_forward, m, groups,
+                                      deferred=deferred)
     try:
         yield
+        if deferred is not None:
+            deferred.flush()
     finally:
         for m in patched:
             del m.forward

@@ -131,19 +131,34 @@ class ReconDecoder(BaseModule):
     def forward(self, y):
         return self.to_rgb(self.ups(self.proj(y)))
 
-    def target(self, image01, valid=None):
+    def target(self, image01, valid=None, groups=1):
         """``(target, weight)`` of :meth:`loss`: the image pooled to
         ``out_stride`` (over image pixels only with ``valid``), in [0, 1],
-        fp32, and the pooled ``valid`` (or None). Made once per
-        ``image01`` tensor, ``valid`` and ``out_stride``: decoders of
-        several modules given the same image share it."""
+        fp32, and the pooled ``valid`` divided by what :meth:`loss`
+        averages over (or None). Made once per ``image01`` tensor,
+        ``valid``, ``groups`` and ``out_stride``: decoders of several
+        modules given the same image share it."""
         per_image = _TARGETS.get(image01)
         if per_image is None:
             per_image = _TARGETS[image01] = {}
-        key = (self.out_stride, None if valid is None else id(valid))
+        key = (self.out_stride, groups, None if valid is None else id(valid))
         if key not in per_image:  # (valid kept: its id stays valid)
-            per_image[key] = (*self._make_target(image01, valid), valid)
+            target, weight = self._make_target(image01, valid)
+            if weight is not None:
+                weight = self._normalise(weight, groups, target.shape[1])
+            per_image[key] = (target, weight, valid)
         return per_image[key][:2]
+
+    @staticmethod
+    def _normalise(weight, groups, channels):
+        """``weight / (channels * sum(weight))``, the sum per group of the
+        sample-major batch (entries ``g, g + G, ...``) and divided by
+        ``G`` with ``groups``: the weighted sum of the BCE is then its
+        mean over image pixels (of each group, averaged)."""
+        n = weight.shape[0] // groups
+        total = weight.reshape(n, groups, -1).sum((0, 2)).clamp(min=1e-6)
+        scale = (1.0 / (total * channels * groups)).repeat(n)
+        return weight * scale.view(-1, 1, 1, 1)
 
     def _make_target(self, image01, valid):
         target, weight = image01, valid
@@ -158,7 +173,7 @@ class ReconDecoder(BaseModule):
         target = target.float().clamp(0, 1)
         return target, None if weight is None else weight.float()
 
-    def loss(self, y, image01, valid=None):
+    def loss(self, y, image01, valid=None, groups=1):
         """BCE between the decoded image and ``image01`` (N, 3, H, W).
 
         Args:
@@ -166,9 +181,14 @@ class ReconDecoder(BaseModule):
                 0 on batch padding (:func:`padding_mask`); those pixels are
                 left out of the target (pooled over image pixels only) and
                 of the mean. None: every pixel counts.
+            groups (int): The batch is ``groups`` interleaved groups of
+                equal-sized images (entries ``g, g + G, ...``; PFF's
+                stacked patches): with ``valid``, the mean over image
+                pixels is taken per group and the groups' means averaged
+                (without ``valid`` that is the plain mean). Default 1.
         """
         logits = self.compiled(self, 'forward', y)
-        target, weight = self.target(image01, valid)
+        target, weight = self.target(image01, valid, groups)
         if target.shape[-2:] != logits.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:],
                                    mode='bilinear',
@@ -178,7 +198,6 @@ class ReconDecoder(BaseModule):
             if weight is None:
                 return F.binary_cross_entropy_with_logits(
                     logits.float(), target)
-            bce = F.binary_cross_entropy_with_logits(
-                logits.float(), target, reduction='none')
-            return (bce * weight).sum() / (
-                weight.sum() * bce.shape[1]).clamp(min=1e-6)
+            # weight: normalised once per target (see target())
+            return F.binary_cross_entropy_with_logits(
+                logits.float(), target, reduction='none').mul(weight).sum()
