@@ -322,6 +322,19 @@ def _split(x, grid, ph, pw):
     return x.permute(0, 2, 4, 1, 3, 5).reshape(n * grid * grid, c, ph, pw)
 
 
+def _size_groups(regions, pixels, even):
+    """Indices of the patches of each stack: all in one when the grid is
+    even, else one stack per patch size (up to 4)."""
+    if even:
+        return [list(range(len(regions)))]
+    by_size = {}
+    for i, ((r0, r1, c0, c1), (y0, y1, x0, x1)) in enumerate(
+            zip(regions, pixels)):
+        by_size.setdefault((r1 - r0, c1 - c0, y1 - y0, x1 - x0),
+                           []).append(i)
+    return list(by_size.values())
+
+
 def _stack_layout(h, inputs, data_samples, grid, stride, task, remainder):
     """What :func:`stack_patches` shares across calls: per stack, its
     feature ranges ``(r0, r1, c0, c1)``, stacked image patches and
@@ -329,17 +342,12 @@ def _stack_layout(h, inputs, data_samples, grid, stride, task, remainder):
     rows, cols, pixels = _grid(h, inputs, grid, stride, remainder)
     regions = [(r0, r1, c0, c1) for r0, r1 in rows for c0, c1 in cols]
     crops = _crops(data_samples, pixels, task)
-    if _even(h, inputs, grid, stride):
+    even = _even(h, inputs, grid, stride)
+    groups = _size_groups(regions, pixels, even)
+    if even:
         ph, pw = h.shape[-2] // grid, h.shape[-1] // grid
-        groups = [list(range(len(regions)))]
         images = [_split(inputs, grid, ph * stride, pw * stride)]
     else:  # patches of up to 4 sizes: one stack per size
-        by_size = {}
-        for i, (y0, y1, x0, x1) in enumerate(pixels):
-            r0, r1, c0, c1 = regions[i]
-            by_size.setdefault((r1 - r0, c1 - c0, y1 - y0, x1 - x0),
-                               []).append(i)
-        groups = list(by_size.values())
         images = [
             torch.stack([
                 inputs[..., y0:y1, x0:x1]
@@ -432,15 +440,7 @@ def image_patches(h, inputs, images, valid, grid, stride, remainder='error',
                               valid[..., y0:y1, x0:x1])
                              for y0, y1, x0, x1 in pixels]
         even = _even(h, inputs, grid, stride)
-        if even:
-            groups = [list(range(len(regions)))]
-        else:
-            by_size = {}
-            for i, (y0, y1, x0, x1) in enumerate(pixels):
-                r0, r1, c0, c1 = regions[i]
-                by_size.setdefault((r1 - r0, c1 - c0, y1 - y0, x1 - x0),
-                                   []).append(i)
-            groups = list(by_size.values())
+        groups = _size_groups(regions, pixels, even)
         args = (pixels, groups, even, grid, stride, height // grid,
                 width // grid)
         return [[regions[i] for i in group] for group in groups], list(
