@@ -43,3 +43,34 @@ def test_recon_target_made_once_per_batch(monkeypatch):
     assert all(runs[0][0][f'local{k}.loss_recon'] > 0 for k in (0, 1))
     assert_same_step(runs[0][0], runs[0][1], runs[1][0], runs[1][1],
                      rtol=0, atol=0)
+
+
+def test_recon_targets_released_before_the_last_module():
+    """The shared targets (a copy of the image batch) are dropped once the
+    last aux net has run: the last module's phase, often the step's peak,
+    does not carry them."""
+    from mmlocal.models.local.aux import base
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    learner = LocalLearner(TINY_RETINANET, num_modules=3,
+                           aux=small_aux(recon_weight=1.5))
+    ow = KeepGradsOptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.))
+    made, alive = [], []
+    recon_inputs = BaseLocalAux.recon_inputs
+    loss = learner.model.loss
+
+    def spy_recon(self, inputs, samples):
+        made.append(inputs)
+        return recon_inputs(self, inputs, samples)
+
+    def spy_loss(inputs, samples):
+        alive.append(inputs in base._RECON_INPUTS)
+        return loss(inputs, samples)
+
+    learner.model.loss = spy_loss
+    try:
+        BaseLocalAux.recon_inputs = spy_recon
+        learner.train_step(det_batch(seed=2), ow)
+    finally:
+        BaseLocalAux.recon_inputs = recon_inputs
+    assert made and alive == [False]

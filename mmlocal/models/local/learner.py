@@ -14,7 +14,7 @@ from mmengine.model import BaseModel, ModuleList
 from mmlocal.engine.optim_wrappers import (check_local_optim_wrapper,
                                            local_backward)
 from mmlocal.registry import MODELS
-from .aux.base import LocalModuleInfo
+from .aux.base import LocalModuleInfo, release_recon_inputs
 from .heads.anchor_targets import share_anchor_targets
 from .split import build_block_sequence, module_output_info, plan_split
 
@@ -586,6 +586,7 @@ class LocalLearner(BaseModel):
                                            optim_wrapper, outs, local_logs)
         finally:
             self._shared_targets.release()
+            release_recon_inputs(inputs)
 
         start = self.module_ranges[-1][0]
         with optim_wrapper.optim_context(self):

@@ -19,6 +19,13 @@ from ..heads.recon_decoder import padding_mask
 _RECON_INPUTS = WeakIdKeyDictionary()
 
 
+def release_recon_inputs(inputs):
+    """Drop the reconstruction targets of the batch ``inputs`` once its
+    last aux net has run: otherwise they (a copy of the image batch) live
+    as long as ``inputs``, through the last module's phase."""
+    _RECON_INPUTS.pop(inputs, None)
+
+
 @dataclass
 class LocalModuleInfo:
     """What an auxiliary network knows about the module it trains.
