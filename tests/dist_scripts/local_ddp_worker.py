@@ -199,11 +199,14 @@ def poison(model, rank, when):
 
 
 def build_cascade(**learner):
-    """HPFF with PFF 2x2 (cascade span 2), GroupNorm heads."""
+    """HPFF with PFF 2x2 over the whole cascade aux (cascade span 2),
+    GroupNorm heads."""
     cfg = gn_fcn_learner_cfg()
     gn = dict(type='GN', num_groups=4, requires_grad=True)
     head = dict(channels=16, norm_cfg=gn, head=dict(dropout_ratio=0.0))
-    cfg['aux'].update(type='mmlocal.HPFFAux', patch_grid=2,
+    # 'all': the whole cascade aux per patch (cascade_loss, which poison()
+    # makes NaN, runs once per patch: a NaN read per module and patch)
+    cfg['aux'].update(type='mmlocal.HPFFAux', patch_grid=2, patch_parts='all',
                       independent_seg_head=head)
     cfg.update(learner)
     cfg['model']['backbone']['zero_init_residual'] = False

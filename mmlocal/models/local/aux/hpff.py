@@ -27,9 +27,9 @@ class HPFFAux(CascadeLocalAux):
     task head sees the whole ``z_k``:
 
     .. math::
-        \mathcal{L}_{cas} = \lambda_2 \mathcal{L}_{task}(c_k(z_k))
-            + \lambda_1 \frac{1}{P^2} \sum_{p}
-              \mathrm{BCE}(D_k(z_k^{(p)}), x^{(p)}).
+        \\mathcal{L}_{cas} = \\lambda_2 \\mathcal{L}_{task}(c_k(z_k))
+            + \\lambda_1 \\frac{1}{P^2} \\sum_{p}
+              \\mathrm{BCE}(D_k(z_k^{(p)}), x^{(p)}).
 
     ``patch_parts='all'`` cuts the whole cascade aux (task head too, each
     patch against the ground truth of its region). By default the patches
