@@ -19,8 +19,10 @@ and saves their state dicts to OUT/<tag><suffix>.pt (tag ``rank0``,
   rank 1's local loss is NaN at iteration 1, so every rank drops it; the
   single process trains on the other iterations only. Also saves
   ``<tag>_skip_count.pt`` (``num_skipped_iters``);
-- ``'_skip_cascade'``: ``'_skip'`` with HPFF (PFF 2x2) and
-  ``nan_guard_check='module'`` (one agreed read per module and patch);
+- ``'_skip_cascade'``: ``'_skip'`` with HPFF (PFF 2x2 over the whole
+  cascade aux) and ``nan_guard_check='module'`` (one agreed read per module
+  and patch); ``'_skip_recon'``: the same with the reference's PFF
+  (``patch_parts='recon'``, a patch's reconstruction NaN);
 - ``'_raise'`` (torchrun only): ``nan_guard='raise'``, rank 1's local loss
   NaN at iteration 0; every rank saves what it raised
   (``<tag>_raise.pt``: the error's ``module``, -1 for None, and whether it
@@ -186,6 +188,16 @@ ATTACH = dict(num_modules=None, split_points=[2, 6], attach_stages=(2, ))
 def poison(model, rank, when):
     """Rank 1's module-0 local loss is NaN while ``when()`` is true."""
     aux = model.aux_nets[0]
+    if getattr(aux, 'patch_parts', None) == 'recon':
+        # the reference's PFF: poison the reconstruction of every patch
+        patch_loss = aux.recon_patch_loss
+
+        def recon(*args, **kwargs):
+            value = patch_loss(*args, **kwargs)
+            return value * float('nan') if rank == 1 and when() else value
+
+        aux.recon_patch_loss = recon
+        return
     name = 'cascade_loss' if hasattr(aux, 'cascade_loss') else 'loss'
     original = getattr(aux, name)
 
@@ -198,15 +210,15 @@ def poison(model, rank, when):
     setattr(aux, name, loss)
 
 
-def build_cascade(**learner):
-    """HPFF with PFF 2x2 over the whole cascade aux (cascade span 2),
+def build_cascade(parts='all', **learner):
+    """HPFF with PFF 2x2 (``patch_parts=parts``, cascade span 2),
     GroupNorm heads."""
     cfg = gn_fcn_learner_cfg()
     gn = dict(type='GN', num_groups=4, requires_grad=True)
     head = dict(channels=16, norm_cfg=gn, head=dict(dropout_ratio=0.0))
     # 'all': the whole cascade aux per patch (cascade_loss, which poison()
     # makes NaN, runs once per patch: a NaN read per module and patch)
-    cfg['aux'].update(type='mmlocal.HPFFAux', patch_grid=2, patch_parts='all',
+    cfg['aux'].update(type='mmlocal.HPFFAux', patch_grid=2, patch_parts=parts,
                       independent_seg_head=head)
     cfg.update(learner)
     cfg['model']['backbone']['zero_init_residual'] = False
@@ -219,7 +231,8 @@ def build_cascade(**learner):
 
 def train_guarded(rank, world, distributed, guard, cascade=False):
     from mmlocal.models.local.learner import NonFiniteLossError
-    model = build_cascade(nan_guard=guard, nan_guard_check='module') \
+    model = build_cascade(cascade, nan_guard=guard,
+                          nan_guard_check='module') \
         if cascade else build(learner=dict(nan_guard=guard))
     state = dict(it=0)
     poison(model, rank, lambda: distributed and state['it'] == (
@@ -284,7 +297,8 @@ def main(out_dir):
         if trace is not None:
             torch.save(trace, os.path.join(out_dir,
                                            f'{tag}{suffix}_trace.pt'))
-    for suffix, cascade in (('_skip', False), ('_skip_cascade', True)):
+    for suffix, cascade in (('_skip', False), ('_skip_cascade', 'all'),
+                            ('_skip_recon', 'recon')):
         state, skipped = train_guarded(rank, world, distributed, 'skip',
                                        cascade)
         torch.save(state, os.path.join(out_dir, f'{tag}{suffix}.pt'))
