@@ -344,16 +344,8 @@ def _stack_layout(h, inputs, data_samples, grid, stride, task, remainder):
     crops = _crops(data_samples, pixels, task)
     even = _even(h, inputs, grid, stride)
     groups = _size_groups(regions, pixels, even)
-    if even:
-        ph, pw = h.shape[-2] // grid, h.shape[-1] // grid
-        images = [_split(inputs, grid, ph * stride, pw * stride)]
-    else:  # patches of up to 4 sizes: one stack per size
-        images = [
-            torch.stack([
-                inputs[..., y0:y1, x0:x1]
-                for y0, y1, x0, x1 in (pixels[i] for i in group)
-            ], 1).flatten(0, 1) for group in groups
-        ]
+    images = _cut_images(inputs, pixels, groups, even, grid, stride,
+                         h.shape[-2] // grid, h.shape[-1] // grid)
     return [([regions[i] for i in group], inputs_b,
              [per_sample[i] for per_sample in crops for i in group])
             for group, inputs_b in zip(groups, images)]
@@ -386,14 +378,21 @@ def stack_patches(h, inputs, data_samples, grid, stride, task,
         ('stack', height, width, grid, stride, task, remainder),
         lambda: _stack_layout(h, inputs, data_samples, grid, stride, task,
                               remainder))
-    if _even(h, inputs, grid, stride):
-        (regions, inputs_b, samples_b), = layout
-        return [(_split(h, grid, height // grid, width // grid), inputs_b,
-                 samples_b, len(regions))]
-    return [(torch.stack([h[..., r0:r1, c0:c1]
-                          for r0, r1, c0, c1 in regions], 1).flatten(0, 1),
-             inputs_b, samples_b, len(regions))
-            for regions, inputs_b, samples_b in layout]
+    stacks = _stack_feature(h, [regions for regions, _, _ in layout], grid)
+    return [(h_b, inputs_b, samples_b, len(regions))
+            for h_b, (regions, inputs_b, samples_b) in zip(stacks, layout)]
+
+
+def _stack_feature(h, groups, grid):
+    """``h`` stacked sample-major, one stack per list of feature ranges
+    in ``groups``: one reshape copy when a single group holds the whole
+    even grid, else one ``stack`` per group (attached to ``h``)."""
+    height, width = h.shape[-2:]
+    if len(groups) == 1 and len(groups[0]) == grid * grid and \
+            height % grid == 0 and width % grid == 0:
+        return [_split(h, grid, height // grid, width // grid)]
+    return [torch.stack([h[..., r0:r1, c0:c1] for r0, r1, c0, c1 in group],
+                        1).flatten(0, 1) for group in groups]
 
 
 def _cut_images(images, pixels, groups, even, grid, stride, ph, pw):
@@ -452,12 +451,8 @@ def image_patches(h, inputs, images, valid, grid, stride, remainder='error',
     if not batch:
         return [(h[..., r0:r1, c0:c1], *m)
                 for (r0, r1, c0, c1), m in zip(regions, maps)]
-    if len(regions) == 1:  # even: one stack of all patches
-        return [(_split(h, grid, height // grid, width // grid), *maps[0],
-                 len(regions[0]))]
-    return [(torch.stack([h[..., r0:r1, c0:c1] for r0, r1, c0, c1 in group],
-                         1).flatten(0, 1), *m, len(group))
-            for group, m in zip(regions, maps)]
+    return [(h_b, *m, len(group)) for h_b, group, m in zip(
+        _stack_feature(h, regions, grid), regions, maps)]
 
 
 class _RepeatAffine(torch.autograd.Function):
