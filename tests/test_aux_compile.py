@@ -83,3 +83,30 @@ def test_compiled_aux_step_equals_eager():
     assert all(v > 0 for k, v in runs[0][0].items() if 'local0' in k)
     assert_same_step(runs[0][0], runs[0][1], runs[1][0], runs[1][1],
                      rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_momentum_transform_is_one_graph():
+    """MAN's transform (LB + EMA copy of the next block) compiles to one
+    graph per aux net, traced once: the EMA bookkeeping (BN modes that
+    follow the source, the no-hook warning) runs eagerly before it, so
+    it neither breaks the graph nor recompiles when a mode flips."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    learner = LocalLearner(
+        TINY_RETINANET, num_modules=3,
+        aux=small_aux('mmlocal.MomentumAux',
+                      compile=dict(backend='eager')))
+    ow = KeepGradsOptimWrapper(torch.optim.SGD(learner.parameters(), lr=0.))
+    with pytest.warns(UserWarning, match='MomentumAuxHook'):
+        for seed in (1, 2):
+            logs = learner.train_step(det_batch(seed=seed), ow)
+    assert all(torch.isfinite(v).all() for v in logs.values())
+    assert not dict(counters['graph_break']), dict(counters['graph_break'])
+    # two aux nets, each its own shapes: two graphs of transform (and the
+    # heads' predict), none made again in the second step
+    n_graphs = counters['stats']['unique_graphs']
+    learner.train_step(det_batch(seed=3), ow)
+    assert counters['stats']['unique_graphs'] == n_graphs

@@ -7,6 +7,8 @@
 #   LOCAL=1 bash tools/device/run_benchmarks.sh  # CPU dry run, tiny settings
 #   STEPS=AC DEMO_NAMES="hpff mlaan" bash ...    # only some steps / demo runs
 #   STEPS=ABDF bash ...             # F (batch-8 regime check) runs only when named
+#   STEPS=ABDFG BUDGET_S=540 bash ...  # G (torch.compile on/off) only when named,
+#                                   # in what is left of BUDGET_S seconds
 #   FAMILY_OPTS="--cfg-options model.nan_guard_check=module" STEPS=AB bash ...
 #                                   # family tables with one guard sync per module
 set -u
@@ -18,6 +20,10 @@ want() { [[ -z "${STEPS:-}" || "$STEPS" == *$1* ]]; }
 L=/tmp/devlogs; mkdir -p $L
 pack() { tar czf "$OUT/logs.tgz" -C /tmp devlogs 2>/dev/null; }
 stamp() { pack; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+# cap N: N seconds, or less so that the script ends within BUDGET_S (the
+# device call's limit) with 20 s to spare; a capped step keeps its JSON so far
+cap() { local left=$(( ${BUDGET_S:-100000} - ($(date +%s) - T0) - 20 ))
+        (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo $1; }
 
 if [[ -n "${LOCAL:-}" ]]; then
     PY=.venv/bin/python
@@ -25,6 +31,7 @@ if [[ -n "${LOCAL:-}" ]]; then
     DET="--input-shape 1 3 128 160 --iters 1 --warmup 0 --device cpu"
     SEG="--input-shape 2 3 128 128 --iters 1 --warmup 0 --device cpu"
     DEMO_ITERS=2; TO=1; REPL="--iters 1 --warmup 0 --device cpu --input-shape 2 3 128 128"
+    COMPILE=${COMPILE:-"dict(backend='aot_eager')"}; CWARM="--iters 1 --warmup 1"
     F8=${F8:-"--input-shape 2 3 128 160 --iters 1 --warmup 0 --device cpu"}
 else
     PY=python3
@@ -35,6 +42,7 @@ else
     DET="--input-shape 2 3 800 1333 --iters 6 --warmup 2 --device cuda"
     SEG="--input-shape 2 3 512 1024 --iters 6 --warmup 2 --device cuda"
     DEMO_ITERS=300; TO=1; REPL="--iters 6 --warmup 2 --device cuda"
+    COMPILE=${COMPILE:-True}; CWARM="--iters 6 --warmup 4"
 fi
 check() {
     $PY -c "import torch, numpy, mmcv, mmengine, mmdet, mmseg
@@ -63,10 +71,9 @@ withcp() {  # withcp CONFIG -> path of a copy with model.aux.with_cp=True
     printf "_base_ = '%s'\nmodel = dict(aux=dict(with_cp=True))\n" "$PWD/$1" > "$out"
     echo "$out"
 }
-
 if want A; then
 stamp 'A: RetinaNet K4 families'
-timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
+timeout $(cap $((TO * 170))) $PY tools/analysis/benchmark_local_methods.py \
     infopro=$C/infopro_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
     man=$C/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
     manpp=$C/manpp_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
@@ -83,7 +90,7 @@ tail -n 16 "$L/families_retinanet.log"
 fi
 if want B; then
 stamp 'B: DeepLabV3 K2 families'
-timeout $((TO * 170)) $PY tools/analysis/benchmark_local_methods.py \
+timeout $(cap $((TO * 170))) $PY tools/analysis/benchmark_local_methods.py \
     infopro=$C/infopro_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
     man=$C/man_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
     manpp=$C/manpp_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py \
@@ -129,7 +136,7 @@ fi
 if want D; then
 stamp 'D: RepL'
 R=configs/repl
-timeout $((TO * 200)) $PY tools/analysis/benchmark_repl.py \
+timeout $(cap $((TO * 200))) $PY tools/analysis/benchmark_repl.py \
     $R/repl_retinanet_r50_fpn_i2_8xb2-1x_coco.py $R/repl_retinanet_r50_fpn_i3_8xb2-1x_coco.py \
     $R/repl_faster-rcnn_r50_fpn_i2_8xb2-1x_coco.py $R/repl_faster-rcnn_r50_fpn_i3_8xb2-1x_coco.py \
     $R/repl_deeplabv3_r50-d8_i2_4xb2-40k_cityscapes-512x1024.py $R/repl_deeplabv3_r50-d8_i3_4xb2-40k_cityscapes-512x1024.py \
@@ -144,14 +151,37 @@ if [[ "${STEPS:-}" == *F* ]]; then  # only when asked for: STEPS=F
 # kernels) then move towards their FLOP ratios?
 stamp 'F: batch 8 (RepL i2/i3, MAN K4; RetinaNet)'
 F8=${F8:-"--input-shape 8 3 800 1333 --iters 4 --warmup 1 --device cuda"}
-timeout $((TO * 150)) $PY tools/analysis/benchmark_repl.py \
+timeout $(cap $((TO * 150))) $PY tools/analysis/benchmark_repl.py \
     configs/repl/repl_retinanet_r50_fpn_i2_8xb2-1x_coco.py configs/repl/repl_retinanet_r50_fpn_i3_8xb2-1x_coco.py \
     $F8 --json "$OUT/repl_b8.json" > "$L/repl_b8.log" 2>&1
 tail -n 12 "$L/repl_b8.log"
-timeout $((TO * 150)) $PY tools/analysis/benchmark_local_methods.py \
+timeout $(cap $((TO * 150))) $PY tools/analysis/benchmark_local_methods.py \
     man=$C/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py \
     $F8 --json "$OUT/families_b8.json" > "$L/families_b8.log" 2>&1
 tail -n 6 "$L/families_b8.log"
+
+fi
+if [[ "${STEPS:-}" == *G* ]]; then  # only when asked for: STEPS=G
+# torch.compile (CUDA graphs on CUDA) of the aux nets' static part and of
+# RepL's batched synthesis, against the same configs eager; the first
+# iterations compile, so only in what is left of BUDGET_S
+left=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) ))
+stamp "G: torch.compile on/off (${left} s left)"
+if (( left > 90 )); then
+M=$C/man_retinanet_r50_fpn_k4_8xb2-1x_coco.py
+printf "_base_ = '%s'\nmodel = dict(aux=dict(compile=%s))\n" "$PWD/$M" "$COMPILE" > /tmp/compile_man.py
+timeout $(( left * 11 / 20 )) $PY tools/analysis/benchmark_local_methods.py \
+    man=$M man-compile=/tmp/compile_man.py $DET $CWARM \
+    --json "$OUT/families_compile.json" > "$L/families_compile.log" 2>&1
+tail -n 6 "$L/families_compile.log"
+left=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) ))
+R2=configs/repl/repl_retinanet_r50_fpn_i2_8xb2-1x_coco.py
+printf "_base_ = '%s'\nmodel = dict(backbone=dict(compile_synthesis=%s))\n" "$PWD/$R2" "$COMPILE" > /tmp/compile_repl_i2.py
+(( left > 30 )) && timeout $(( left - 15 )) $PY tools/analysis/benchmark_repl.py \
+    $R2 /tmp/compile_repl_i2.py $REPL $CWARM \
+    --json "$OUT/repl_compile.json" > "$L/repl_compile.log" 2>&1
+tail -n 8 "$L/repl_compile.log"
+fi
 
 fi
 stamp 'E: CUDA tests'

@@ -249,6 +249,11 @@ class BaseLocalAux(BaseModule):
         """``y`` from the module output ``h``. Default: ``y = h``."""
         return h
 
+    def before_transform(self):
+        """Host-side bookkeeping run eagerly before :meth:`transform` (mode
+        switches, warnings): kept out of a compiled ``transform``, whose
+        graph it would break or guard. Default: nothing."""
+
     # -- shared ------------------------------------------------------------
     def segment(self, fn, *args):
         """``fn(*args)``, as a checkpointed segment when ``with_cp`` and a
@@ -310,6 +315,7 @@ class BaseLocalAux(BaseModule):
     def aux_input(self, h):
         """``transform(h)`` (compiled, or in checkpointed segments, as the
         options say)."""
+        self.before_transform()
         if self.compiled.enabled and \
                 type(self).transform is not BaseLocalAux.transform:
             return self.compiled(self, 'transform', h)

@@ -36,8 +36,8 @@ class MomentumCopyMixin:
         \\theta_{EMA} \\leftarrow m\\,\\theta_{EMA} + (1 - m)\\,\\theta_{src}
 
     **Normalisation.** Each BN layer of the EMA copy runs in the mode of
-    the source's BN layer (:meth:`follow_source_norm`, called before the
-    copies run): with mmdet's ``norm_eval=True`` the live block normalises
+    the source's BN layer (:meth:`follow_source_norm`, called by
+    :meth:`before_transform`, i.e. before the copies run): with mmdet's ``norm_eval=True`` the live block normalises
     with its frozen running statistics, and so does its EMA copy, so that
     ``EMA(h) = B(h)`` when the copy starts from the source. The statistics
     of such a frozen source layer are part of the function it computes, so
@@ -132,6 +132,13 @@ class MomentumCopyMixin:
         # (theta + (1 - m) (src - theta) = m theta + (1 - m) src)
         if ema:
             torch._foreach_lerp_(ema, src, 1 - m)
+
+    def before_transform(self):
+        """Eager, before the (possibly compiled) transform: warn when no
+        hook drives the EMA, put the copies' BN layers in the source's
+        modes."""
+        self._warn_if_not_driven()
+        self.follow_source_norm()
 
     def _warn_if_not_driven(self):
         """Warn once when training without :class:`MomentumAuxHook`."""

@@ -136,8 +136,6 @@ class MLAANAux(MomentumCopyMixin, CascadeLocalAux):
     transform_segments = True  # one checkpoint segment per block
 
     def transform(self, h):
-        self._warn_if_not_driven()
-        self.follow_source_norm()
         z = self.run_stack(self.pre, h)
         z = self.segment(self.lb, z) + self.segment(self.ema, z)
         return self.run_stack(self.post, z)

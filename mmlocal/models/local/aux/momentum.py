@@ -138,8 +138,6 @@ class MomentumAux(MomentumCopyMixin, InfoProAux):
     transform_segments = True  # LB and EMA: one checkpoint segment each
 
     def transform(self, h):
-        self._warn_if_not_driven()
-        self.follow_source_norm()
         if not self.learnable_scale:
             # MAN: s = 1 (a constant buffer): 1 * LB + 1 * EMA, exactly,
             # in one kernel instead of four (and their backward)
