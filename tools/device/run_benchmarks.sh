@@ -186,6 +186,6 @@ fi
 fi
 stamp 'E: CUDA tests'
 if [[ -z "${LOCAL:-}" ]]; then
-    timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_memory_meter.py 2>&1 | tail -n 5
+    timeout $(cap 60) $PY -m pytest -q -p no:cacheprovider tests/test_memory_meter.py 2>&1 | tail -n 5
 fi
 stamp done
