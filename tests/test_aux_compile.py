@@ -26,15 +26,24 @@ def test_compile_option_is_checked():
         check_compile_option('yes')
     with pytest.raises(ValueError, match='unknown keys'):
         check_compile_option(dict(fullgraf=True))
-    # CUDA graphs by default on CUDA only; an explicit choice wins
-    assert compile_kwargs({}, 'cuda')['mode'] == 'reduce-overhead'
-    assert 'mode' not in compile_kwargs({}, 'cpu')
-    assert 'mode' not in compile_kwargs(dict(backend='eager'), 'cuda')
-    assert compile_kwargs({}, 'cpu')['dynamic'] is False
+    # inductor's default mode (no CUDA graphs) unless asked; static shapes
+    assert compile_kwargs({}) == dict(dynamic=False)
+    assert compile_kwargs(dict(mode='reduce-overhead'))['mode'] == \
+        'reduce-overhead'
+    # CUDA graphs can't run a local step's aux nets (an H200 run: the next
+    # aux net's replay overwrote the previous one's gradients)
+    for bad in (dict(mode='reduce-overhead'),
+                dict(options={'triton.cudagraphs': True})):
+        assert check_compile_option(bad) == bad  # e.g. RepL's synthesis
+        with pytest.raises(ValueError, match='CUDA graphs'):
+            check_compile_option(bad, cudagraphs=False)
     init_default_scope('mmdet')
     with pytest.raises(ValueError, match='with_cp'):
         LocalLearner(TINY_RETINANET, num_modules=2,
                      aux=small_aux(compile=True, with_cp=True))
+    with pytest.raises(ValueError, match='CUDA graphs'):
+        LocalLearner(TINY_RETINANET, num_modules=2,
+                     aux=small_aux(compile=dict(mode='reduce-overhead')))
 
 
 def test_copies_compile_their_own_methods():

@@ -4,10 +4,22 @@ A local step on a GPU with few images is bound by kernel launches and host
 work more than by FLOPs (``tools/analysis/count_ops.py``): an auxiliary
 net's convolutions or a RepL block's weight synthesis are dozens of small
 kernels each. Their shapes do not change from one iteration to the next
-(fixed input size), so ``torch.compile`` can fuse them and, on CUDA,
-capture them as CUDA graphs (``mode='reduce-overhead'``): one launch
-replays the whole part. Parts whose shapes depend on the data (ground-truth
-counts, anchor targets, losses) stay eager.
+(fixed input size), so ``torch.compile`` can fuse them (inductor's
+default mode; on CUDA, ``mode='reduce-overhead'`` also captures them as CUDA
+graphs, where one launch replays a whole part). Parts whose shapes depend on
+the data (ground-truth counts, anchor targets, losses) stay eager.
+
+**CUDA graphs and local learning.** PyTorch's CUDA-graph trees take a new
+forward after a backward for the next iteration and reuse the memory of the
+previous outputs, gradients included. A local step runs K-1 aux nets'
+forward and backward one after another before the optimizer step, so with
+``mode='reduce-overhead'`` the second aux net's replay overwrites the first
+one's parameter gradients: on an H200 (torch 2.11) MAN K=4 failed at the
+optimizer step with "accessing tensor output of CUDAGraphs that has been
+overwritten by a subsequent run". So the default never uses CUDA graphs, and
+the aux nets (:class:`~mmlocal.models.local.aux.base.BaseLocalAux`) reject
+that mode (``check_compile_option(..., cudagraphs=False)``); RepL's
+synthesis, computed once per forward, may ask for it.
 
 Use:
 
@@ -18,11 +30,9 @@ Use:
   option otherwise;
 - :class:`CompiledMethods` is kept on a module and runs its methods through
   ``torch.compile`` (or eagerly when off): ``self._compiled('forward', x)``.
-  The compiled callable is made at the first call, where the device of the
-  first tensor argument picks the default mode: ``'reduce-overhead'``
-  (CUDA graphs) on CUDA, inductor's default elsewhere; an explicit ``mode``
-  or ``backend`` wins. ``dynamic=False`` unless given (static shapes: a new
-  input size compiles once more).
+  The compiled callable is made at the first call, with inductor's default
+  mode unless a ``mode`` or ``backend`` is given, and ``dynamic=False``
+  unless given (static shapes: a new input size compiles once more).
 
 A copy of the module (``copy.deepcopy``, pickling) gets an empty store, so
 it compiles its own methods rather than calling the original's. Dynamo
@@ -43,13 +53,16 @@ COMPILE_KWARGS = ('backend', 'mode', 'fullgraph', 'dynamic', 'options',
                   'disable')
 
 
-def check_compile_option(value, name='compile'):
+def check_compile_option(value, name='compile', cudagraphs=True):
     """``None`` (off) or the ``torch.compile`` kwargs a value asks for.
 
     Args:
         value (bool | dict | None): ``False``/``None`` off, ``True`` on with
             the defaults, a dict of ``torch.compile`` keyword arguments.
         name (str): The option's name for the error message.
+        cudagraphs (bool): Whether the caller may run under CUDA graphs;
+            ``False`` rejects ``mode='reduce-overhead'`` and inductor's
+            ``triton.cudagraphs`` option (see the module docstring).
     """
     if value is None or value is False:
         return None
@@ -60,31 +73,24 @@ def check_compile_option(value, name='compile'):
         if bad:
             raise ValueError(f'{name}={value!r}: unknown keys {bad}; allowed '
                              f'{list(COMPILE_KWARGS)}')
+        if not cudagraphs and (
+                value.get('mode') == 'reduce-overhead' or
+                (value.get('options') or {}).get('triton.cudagraphs')):
+            raise ValueError(
+                f'{name}={value!r}: CUDA graphs cannot run the aux nets of '
+                'a local step (each aux net\'s replay overwrites the '
+                'previous one\'s gradients before the optimizer step); use '
+                'the default mode or e.g. mode=\'max-autotune-no-cudagraphs\'')
         return dict(value)
     raise ValueError(f'{name}={value!r} must be True, False, None or a dict '
                      'of torch.compile arguments')
 
 
-def _first_tensor(args):
-    for arg in args:
-        if torch.is_tensor(arg):
-            return arg
-        if isinstance(arg, (list, tuple)):
-            found = _first_tensor(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def compile_kwargs(options, device):
-    """``torch.compile`` kwargs for ``options`` on ``device``: CUDA graphs
-    (``mode='reduce-overhead'``) on CUDA unless a mode or a backend is
-    given, ``dynamic=False`` unless given."""
+def compile_kwargs(options):
+    """``torch.compile`` kwargs for ``options``: ``dynamic=False`` unless
+    given (inductor's default mode: no CUDA graphs unless asked for)."""
     kwargs = dict(options)
     kwargs.setdefault('dynamic', False)
-    if device is not None and torch.device(device).type == 'cuda' and \
-            'mode' not in kwargs and 'backend' not in kwargs:
-        kwargs['mode'] = 'reduce-overhead'
     return kwargs
 
 
@@ -116,10 +122,8 @@ class CompiledMethods:
         key = (id(owner), name)
         fn = self._fns.get(key)
         if fn is None:
-            tensor = _first_tensor(args)
-            kwargs_ = compile_kwargs(
-                self.options, None if tensor is None else tensor.device)
-            fn = self._fns[key] = torch.compile(method, **kwargs_)
+            fn = self._fns[key] = torch.compile(
+                method, **compile_kwargs(self.options))
         return fn(*args, **kwargs)
 
     # a copy compiles its own owner's methods

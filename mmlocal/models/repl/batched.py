@@ -86,7 +86,7 @@ class BatchedSynthesis:
         compile (bool | dict): Run the pure tensor computation (gather,
             transforms, fold: :meth:`_compute`, static shapes) under
             ``torch.compile`` through :mod:`mmlocal.utils.compile` (True:
-            its defaults, CUDA graphs on CUDA; a dict: ``torch.compile``
+            inductor's defaults; a dict: ``torch.compile``
             arguments, e.g. ``dict(backend='aot_eager')``). Default False.
     """
 

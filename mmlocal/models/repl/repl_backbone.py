@@ -125,8 +125,9 @@ class RepLBackbone(BaseModule):
             its forward. ``layer='full'`` always synthesises per block.
         compile_synthesis (bool | dict | None): Run the batched synthesis's
             tensor computation under ``torch.compile``
-            (:mod:`mmlocal.utils.compile`: True for its defaults, CUDA graphs
-            on CUDA; a dict of ``torch.compile`` arguments, e.g.
+            (:mod:`mmlocal.utils.compile`: True for inductor's defaults; a
+            dict of ``torch.compile`` arguments, e.g.
+            ``dict(mode='reduce-overhead')`` for CUDA graphs on CUDA or
             ``dict(backend='aot_eager')``). Default False.
         pretrained (str, optional): Passed on to the inner backbone config
             (mmseg's ``EncoderDecoder`` sets ``backbone.pretrained``).

@@ -167,8 +167,9 @@ class BaseLocalAux(BaseModule):
         compile (bool | dict): Run the convolutional parts (the transform,
             the task head's convs, the decoder; static shapes) under
             ``torch.compile`` (:mod:`mmlocal.utils.compile`: ``True`` for
-            the defaults, CUDA graphs on CUDA; a dict of ``torch.compile``
-            arguments). Anchor targets and losses stay eager. Fewer kernel
+            inductor's defaults; a dict of ``torch.compile`` arguments, not
+            ``mode='reduce-overhead'``: CUDA graphs would overwrite one aux
+            net's gradients with the next one's). Anchor targets and losses stay eager. Fewer kernel
             launches per step once compiled; values and gradients equal
             up to floating-point reassociation. Not with ``with_cp``.
             Default False.
@@ -185,7 +186,7 @@ class BaseLocalAux(BaseModule):
                  compile=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
-        compile_options = check_compile_option(compile)
+        compile_options = check_compile_option(compile, cudagraphs=False)
         if compile_options is not None and with_cp:
             raise ValueError(f'compile={compile!r} and with_cp=True: choose '
                              'one (checkpointed segments are not compiled)')

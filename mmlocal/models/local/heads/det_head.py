@@ -206,7 +206,7 @@ class DetAuxHead(BaseModule):
         style (str): ``'mmlocal'`` or ``'reference'``: the defaults above.
         compile (bool | dict): Run :meth:`predict` (projection, levels,
             head convs; static shapes) under ``torch.compile``
-            (:mod:`mmlocal.utils.compile`: CUDA graphs on CUDA). Targets
+            (:mod:`mmlocal.utils.compile`; not with CUDA graphs). Targets
             and losses stay eager. Default False.
         batched_targets (bool): Compute the anchor targets of all images at
             once (:mod:`.anchor_targets`: same targets as mmdet's per-image
@@ -237,7 +237,8 @@ class DetAuxHead(BaseModule):
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         # the convolutional part (predict) under torch.compile
-        self.compiled = CompiledMethods(check_compile_option(compile))
+        self.compiled = CompiledMethods(
+            check_compile_option(compile, cudagraphs=False))
         if style not in _STYLES:
             raise ValueError(f'style={style!r} must be one of '
                              f'{sorted(_STYLES)}')

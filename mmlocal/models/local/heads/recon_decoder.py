@@ -87,7 +87,8 @@ class ReconDecoder(BaseModule):
                  norm_cfg=dict(type='BN'), compile=False, init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         # the decoder's forward (convs) under torch.compile
-        self.compiled = CompiledMethods(check_compile_option(compile))
+        self.compiled = CompiledMethods(
+            check_compile_option(compile, cudagraphs=False))
         if out_stride > stride or stride % out_stride:
             raise ValueError(f'out_stride={out_stride} must divide the '
                              f'feature stride {stride}')

@@ -50,7 +50,8 @@ class SegAuxHead(BaseModule):
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         # the head's forward (convs) under torch.compile
-        self.compiled = CompiledMethods(check_compile_option(compile))
+        self.compiled = CompiledMethods(
+            check_compile_option(compile, cudagraphs=False))
         cfg = dict(
             type='mmseg.FCNHead',
             in_channels=in_channels,
