@@ -119,3 +119,31 @@ def test_compiled_momentum_transform_is_one_graph():
     n_graphs = counters['stats']['unique_graphs']
     learner.train_step(det_batch(seed=3), ow)
     assert counters['stats']['unique_graphs'] == n_graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_compiled_aux_steps_equal_eager_cuda():
+    """On CUDA with the default compile mode (inductor, no CUDA graphs):
+    DGL K=3 on a tiny RetinaNet, two steps with two aux nets each (the
+    case CUDA graphs broke: the second aux net's replay overwrote the
+    first one's gradients) give eager's losses and gradients. Run by
+    tools/device/run_benchmarks.sh (step E) where a GPU is lent."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32
+    try:
+        runs = []
+        for compile in (False, True):
+            init_default_scope('mmdet')
+            torch.manual_seed(0)
+            learner = LocalLearner(
+                TINY_RETINANET, num_modules=3,
+                aux=small_aux('mmlocal.DGLAux', compile=compile)).cuda()
+            ow = KeepGradsOptimWrapper(
+                torch.optim.SGD(learner.parameters(), lr=0.))
+            for seed in (1, 2):
+                logs = learner.train_step(det_batch(seed=seed), ow)
+            runs.append((logs, grads(learner)))
+        assert_same_step(runs[0][0], runs[0][1], runs[1][0], runs[1][1],
+                         rtol=1e-3, atol=1e-5)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32

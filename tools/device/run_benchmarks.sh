@@ -186,6 +186,7 @@ fi
 fi
 stamp 'E: CUDA tests'
 if [[ -z "${LOCAL:-}" ]]; then
-    timeout $(cap 60) $PY -m pytest -q -p no:cacheprovider tests/test_memory_meter.py 2>&1 | tail -n 5
+    timeout $(cap 150) $PY -m pytest -q -p no:cacheprovider tests/test_memory_meter.py \
+        tests/test_aux_compile.py 2>&1 | tail -n 8
 fi
 stamp done
