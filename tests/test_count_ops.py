@@ -53,6 +53,11 @@ def test_cli_table():
             for line in proc.stdout.splitlines() if line.startswith('| ')}
     # as on a GPU: local adds one host read (the NaN guard's) to e2e's
     assert int(rows['local'][4]) == int(rows['e2e'][4]) + 1, proc.stdout
+    # host work: every ATen call (views too) >= kernels; the aux net's
+    # forward, loss and backward add Python calls
+    for mode in ('e2e', 'local'):
+        assert int(rows[mode][7]) > int(rows[mode][2]), proc.stdout
+    assert int(rows['local'][8]) > int(rows['e2e'][8]) > 1000, proc.stdout
 
 
 def test_parts_attribute_the_calls_of_submodules():

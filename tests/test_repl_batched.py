@@ -275,3 +275,32 @@ def test_neighbour_gradients_added_in_foreach_ops():
             assert p is None or isinstance(p, torch.nn.Parameter)
     names = {n for n, p in model.named_parameters() if p.grad is not None}
     assert 'backbone.layer3.2.conv1.weight' in names
+
+
+def test_kept_lists_follow_a_dtype_move():
+    """The parameter list and source layout the batched path keeps between
+    steps (host work: no Python loop over the tensors per step) are reused,
+    and rebuilt after the model moves (float32 -> float64 here): the zero
+    pads follow, and the steps still equal the per-block path's."""
+    models = []
+    for mode in ('per_block', 'batched'):
+        m = repl(R18, interval=2, synthesis=mode)
+        randomize(m)
+        m.float().train()
+        models.append(m)
+    engine = models[1].engine
+    kept = None
+    for step in range(3):  # the first one calibrates (per-block path)
+        for m in models:
+            outputs_loss(m(_x(step).float())).backward()
+        if step == 1:
+            kept = engine._param_leaves[1], engine._gather_plan[1]
+    assert engine._param_leaves[1] is kept[0]
+    assert engine._gather_plan[1] is kept[1]
+    for m in models:
+        m.double()
+        m.zero_grad()
+    _compare_steps(models, steps=2)
+    assert engine._param_leaves[1] is not kept[0]
+    assert all(t.dtype == torch.float64 for t in engine._param_leaves[1])
+    assert all(t.dtype == torch.float64 for t in engine._gather_plan[1][0])

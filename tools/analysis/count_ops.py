@@ -12,7 +12,14 @@ counts are the same on every device, so this tool measures them on the CPU
 - ``syncs``: ``_local_scalar_dense`` (``.item()``, ``int(t)``, ``bool(t)``)
   and ``nonzero`` calls;
 - ``GFLOP``: ``torch.utils.flop_counter`` over the same step (matmuls and
-  convolutions, forward and backward).
+  convolutions, forward and backward);
+- ``ATen calls``: every ATen op of the same step, views and allocations
+  included (each costs the host a dispatch even where it launches nothing);
+- ``Python calls``: Python function calls (``cProfile``) in one more step,
+  the optimizer's own ``step`` excluded. Where a GPU step is bound by the
+  host rather than by the device or its launches (RetinaNet at 2 images per
+  H200: a local step took 1.5-1.7x e2e's time with 1.2-1.3x its kernels),
+  this and the ATen calls are the host work that the kernel count misses.
 
 Modes: those of ``benchmark_memory.py`` and ``stock``: the model with every
 ``mmlocal.RepLBackbone`` replaced by its inner backbone (the baseline of a
@@ -76,11 +83,14 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.kernels = 0
         self.syncs = 0
+        self.dispatches = 0
         self.by_op = collections.Counter()
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if not self.paused:
+            self.dispatches += 1
         if self.paused:
             pass
         elif name not in NOT_KERNELS:
@@ -260,11 +270,43 @@ def count_mode(cfg, mode, input_shape, seed=0, parts=(),
     finally:
         del optimizer.step
         part_counter.remove()
+    py_calls = python_calls(
+        model, bm.make_random_batch(shape, task, num_classes, seed=seed),
+        optim_wrapper)
     return dict(kernels=counter.kernels, syncs=counter.syncs,
+                dispatches=counter.dispatches, py_calls=py_calls,
                 flops=flops.get_total_flops(),
                 top=counter.by_op.most_common(8),
                 parts={n: dict(kernels=k, flops=f)
                        for n, (k, f) in part_counter.rows.items()})
+
+
+def python_calls(model, batch, optim_wrapper):
+    """Python function calls (``cProfile``) of one ``train_step``, the
+    optimizer's own ``step`` excluded."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    optimizer = optim_wrapper.optimizer
+    step = optimizer.step
+
+    def unprofiled_step(*args, **kwargs):
+        prof.disable()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            prof.enable()
+
+    optimizer.step = unprofiled_step
+    try:
+        prof.enable()
+        try:
+            model.train_step(batch, optim_wrapper)
+        finally:
+            prof.disable()
+    finally:
+        del optimizer.step
+    return sum(stat[1] for stat in pstats.Stats(prof).stats.values())
 
 
 def parse_args(argv=None):
@@ -310,15 +352,18 @@ def main(argv=None):
     base = rows.get('stock', rows.get('e2e'))
     base_name = 'stock' if 'stock' in rows else 'e2e'
     print(f'| mode | kernels | vs {base_name} | host syncs | GFLOP | vs '
-          f'{base_name} | most frequent |')
-    print('|---|---:|---:|---:|---:|---:|---|')
+          f'{base_name} | ATen calls | Python calls | vs {base_name} | '
+          'most frequent |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---|')
     for mode, r in rows.items():
         ratio = f"{r['kernels'] / base['kernels']:.2f}x" if base else '-'
         fratio = f"{r['flops'] / base['flops']:.2f}x" \
             if base and base['flops'] else '-'
+        pratio = f"{r['py_calls'] / base['py_calls']:.2f}x" if base else '-'
         top = ', '.join(f'{n} {c}' for n, c in r['top'][:4])
         print(f"| {mode} | {r['kernels']} | {ratio} | {r['syncs']} | "
-              f"{r['flops'] / 1e9:.1f} | {fratio} | {top} |")
+              f"{r['flops'] / 1e9:.1f} | {fratio} | {r['dispatches']} | "
+              f"{r['py_calls']} | {pratio} | {top} |")
     for mode, r in rows.items():
         if not r['parts']:
             continue

@@ -54,10 +54,11 @@ per-block path too (it calibrates them from the batch).
 import contextlib
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 from mmlocal.utils.compile import CompiledMethods, check_compile_option
 from .light import STATS_READY
-from .synthesis import OWN, RULE_SOURCES, SAME, _module
+from .synthesis import OWN, PROJ, RULE_SOURCES, SAME, _module
 
 
 class _Item:
@@ -99,6 +100,13 @@ class BatchedSynthesis:
         self._zero_bufs = {}
         self._max_pad = 0
         self._shared = None
+        # host work kept between steps (parameter objects are stable
+        # during training, as an optimizer or DDP assumes; reset() drops
+        # them): the transform parameters in layout order, the source
+        # layout of shared_sources; and the folded norms of this pass
+        self._param_leaves = None
+        self._gather_plan = None
+        self._pass_norms = None
         self.reason = self._unsupported()
         if self.reason is None:
             self._plan()
@@ -278,7 +286,37 @@ class BatchedSynthesis:
         """``(params, sources)``: the flat lists the pure computation
         reads, in the layout of :meth:`_compute` (zero pads of the vector
         classes included)."""
-        params, sources = [], []
+        shared, self._shared = self._shared, None
+        params = self._params()
+        if shared is not None:  # gathered by shared_sources
+            return params, [shared]
+        sources = []
+        for ci, cls in enumerate(self.classes):
+            c, cols = self.class_dims[ci]
+            for side in (0, 1):
+                for item in cls:
+                    rep = self.reps[item.rep]
+                    for path, name in item.tensors:
+                        t = _side_tensor(rep, side, path, name)
+                        sources.append(t)
+                        if item.vector and item.channels < c:
+                            sources.append(self._zeros(t, c - item.channels))
+                    if item.cols < cols:  # vector items only
+                        sources.append(self._zeros(t, (cols - item.cols) * c))
+        return params, sources
+
+    def _params(self):
+        """The transform parameters (and zero pads) in layout order; made
+        once, again after :meth:`reset` or a move to another device or
+        dtype."""
+        first = self.reps[self.classes[0][0].rep].transforms[
+            self.classes[0][0].tkey]
+        like = next(first.parameters())
+        cached = self._param_leaves
+        if cached is not None and cached[0] == (like.dtype, like.device) \
+                and cached[1][0] is like:
+            return cached[1]
+        params = []
         for ci, cls in enumerate(self.classes):
             c, cols = self.class_dims[ci]
             for pname in self.param_names[ci]:
@@ -290,35 +328,34 @@ class BatchedSynthesis:
                         params.append(
                             self._zeros(p, (c - p.shape[0]) *
                                         (p.numel() // p.shape[0])))
-            for side in (0, 1):
-                for item in cls:
-                    rep = self.reps[item.rep]
-                    for path, name in item.tensors:
-                        t = _side_tensor(rep, side, path, name)
-                        sources.append(t)
-                        if item.vector and item.channels < c:
-                            sources.append(self._zeros(t, c - item.channels))
-                    if item.cols < cols:  # vector items only
-                        sources.append(self._zeros(t, (cols - item.cols) * c))
-        if self._shared is not None:  # gathered by shared_sources
-            sources, self._shared = [self._shared], None
-        return params, sources
+        self._param_leaves = ((like.dtype, like.device), params)
+        return params
 
     def _zeros(self, like, n):
         """A 1-d zero tensor of ``n`` elements, a view of a buffer made
-        once (no kernel per step)."""
+        once; the views are kept too (no kernel, no dispatch per step)."""
         key = (like.dtype, like.device)
+        view = self._zero_bufs.get(key + (n, ))
+        if view is not None:
+            return view
         buf = self._zero_bufs.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.zeros(max(n, self._max_pad), dtype=like.dtype,
                               device=like.device)
-            self._zero_bufs[key] = buf
-        return buf[:n]
+            self._zero_bufs = {key: buf}  # views of an older buffer: gone
+        view = self._zero_bufs[key + (n, )] = buf[:n]
+        return view
+
+    def _norms(self):
+        """The folded norm modules, looked up once per forward pass."""
+        if self._pass_norms is None:
+            self._pass_norms = [self.reps[r].block.get_submodule(p)
+                                for r, _, p in self.folds]
+        return self._pass_norms
 
     def _stats(self):
         means, variances, eps = [], [], []
-        for r, path, norm_path in self.folds:
-            norm = self.reps[r].block.get_submodule(norm_path)
+        for norm in self._norms():
             means.append(norm.running_mean)
             variances.append(norm.running_var)
             eps.append(norm.eps)
@@ -336,10 +373,11 @@ class BatchedSynthesis:
             each conv of :attr:`folds`, and the flat vectors the statistics
             need.
         """
-        flat_p = torch.cat([p.reshape(-1) for p in params])
+        # (one C++ loop of views and one cat each: no Python per tensor)
+        flat_p = _flatten_dense_tensors(params)
         # (one tensor: the buffer shared_sources gathered)
         flat_s = sources[0].reshape(-1) if len(sources) == 1 else \
-            torch.cat([s.reshape(-1) for s in sources])
+            _flatten_dense_tensors(sources)
         p_parts = flat_p.split(self.param_sizes)
         s_parts = flat_s.split(self.source_sizes)
 
@@ -445,6 +483,38 @@ class BatchedSynthesis:
                                     None))
         return out
 
+    def _gather_layout(self):
+        """``(inputs, layout, aliased, owners)`` of :class:`_GatherSources`
+        for :meth:`shared_sources`: kept between steps unless a source is
+        computed (projected), again after :meth:`reset` or a move."""
+        cached = self._gather_plan
+        if cached is not None:
+            key, out = cached
+            inputs, _, aliased, _ = out
+            if key == (inputs[0].dtype, inputs[0].device) and \
+                    all(inputs[i].requires_grad for i in aliased):
+                return out
+        pairs = self._source_owners()
+        inputs, index, layout, owners = [], {}, [], []
+        for t, owner in pairs:
+            i = index.get(id(t))
+            if i is None:
+                i = index[id(t)] = len(inputs)
+                inputs.append(t)
+                owners.append(None)
+            if owner is not None:
+                owners[i] = owner
+            layout.append(i)
+        aliased = tuple(i for i, o in enumerate(owners)
+                        if o is not None and inputs[i].requires_grad)
+        out = (inputs, tuple(layout), aliased, owners)
+        projected = any(how == PROJ for rep in self.reps
+                        for rule in rep.rules.values()
+                        for how in RULE_SOURCES.get(rule, ()))
+        self._gather_plan = None if projected else \
+            ((inputs[0].dtype, inputs[0].device), out)
+        return out
+
     @contextlib.contextmanager
     def shared_sources(self):
         """Run the backbone's forward with every neighbour parameter that
@@ -467,24 +537,11 @@ class BatchedSynthesis:
                 for b in rep._neighbours if b is not None):
             yield
             return
-        pairs = self._source_owners()
-        inputs, index, layout, owners = [], {}, [], []
-        for t, owner in pairs:
-            i = index.get(id(t))
-            if i is None:
-                i = index[id(t)] = len(inputs)
-                inputs.append(t)
-                owners.append(None)
-            if owner is not None:
-                owners[i] = owner
-            layout.append(i)
-        aliased = tuple(i for i, o in enumerate(owners)
-                        if o is not None and inputs[i].requires_grad)
+        inputs, layout, aliased, owners = self._gather_layout()
         if not aliased:
             yield
             return
-        flat, *aliases = _GatherSources.apply(tuple(layout), aliased,
-                                              *inputs)
+        flat, *aliases = _GatherSources.apply(layout, aliased, *inputs)
         swapped = []
         try:
             for i, alias in zip(aliased, aliases):
@@ -503,11 +560,12 @@ class BatchedSynthesis:
         """Whether ``rep``'s forward can take the batched path now."""
         if self.reason is not None:
             return False
+        if rep is self.reps[0]:  # a new pass: look the norms up again
+            self._pass_norms = None
         if rep.block.training:
             # the first training pass after a reset calibrates the
             # statistics from the batch: per-block path
-            for r, _, norm_path in self.folds:
-                norm = self.reps[r].block.get_submodule(norm_path)
+            for norm in self._norms():
                 if not getattr(norm, STATS_READY, False):
                     return False
         return True
@@ -557,9 +615,13 @@ class BatchedSynthesis:
 
     def reset(self):
         """Drop the cache and any pending statistics (the buffers are
-        about to be reset or loaded)."""
+        about to be reset or loaded), and the parameter lists kept between
+        steps (call it after replacing parameter objects)."""
         self._cache = None
         self._pending = None
+        self._param_leaves = None
+        self._gather_plan = None
+        self._pass_norms = None
 
     def mark_ran(self, cache, fold):
         if self._pending is None:
@@ -575,6 +637,9 @@ class BatchedSynthesis:
         state['_cache'] = None
         state['_pending'] = None
         state['_zero_bufs'] = {}
+        state['_param_leaves'] = None
+        state['_gather_plan'] = None
+        state['_pass_norms'] = None
         return state
 
 
@@ -590,7 +655,7 @@ class _GatherSources(torch.autograd.Function):
         ctx.layout, ctx.aliased = layout, aliased
         ctx.shapes = [t.shape for t in inputs]
         ctx.needs = [t.requires_grad for t in inputs]
-        flat = torch.cat([inputs[i].reshape(-1) for i in layout])
+        flat = _flatten_dense_tensors([inputs[i] for i in layout])
         return (flat, ) + tuple(inputs[i].view_as(inputs[i])
                                 for i in aliased)
 
@@ -646,8 +711,8 @@ class _Cache:
             self.mean, self.var = mean, var
             self.means, self.vars, _ = engine._stats()
             self.counts = []
-            for r, path, norm_path in engine.folds:
-                norm = engine.reps[r].block.get_submodule(norm_path)
+            for (r, path, norm_path), norm in zip(engine.folds,
+                                                  engine._norms()):
                 self.counts.append(norm.num_batches_tracked)
                 deps.setdefault(r, []).extend(
                     (norm.running_mean, norm.running_var))
