@@ -194,3 +194,19 @@ def test_amp_on_cpu_bf16(monkeypatch):
     out = learner.train_step(det_batch(), ow)
     assert all(torch.isfinite(torch.as_tensor(v)).all()
                for v in out.values())
+
+
+def test_module_params_found_once_follow_requires_grad():
+    """The cascade engine's per-module parameter lists are found once (no
+    walk over the modules per step) and still follow requires_grad."""
+    learner = build(aux=small_aux('mmlocal.HPFFAux', cascade_span=2))
+    names = {id(p): n for n, p in learner.named_parameters()}
+    for k in range(len(learner.module_ranges) - 1):
+        got = {names[id(p)] for p in learner._module_params(k)}
+        want = {n for n in module_params(learner, k)
+                if learner.get_parameter(n).requires_grad}
+        assert got == want and got, k
+    assert learner._module_params_found  # kept
+    frozen = next(iter(learner._module_params(1)))
+    frozen.requires_grad_(False)
+    assert all(p is not frozen for p in learner._module_params(1))

@@ -722,14 +722,21 @@ class LocalLearner(BaseModel):
     def _module_params(self, k):
         """Trainable parameters of module ``k`` (its blocks; module 0 also
         the stem, i.e. every backbone parameter outside the blocks)."""
-        start, end = self.module_ranges[k]
-        params = [p for block in self._seq.blocks[start:end]
-                  for p in block.parameters()]
-        if k == 0:
-            in_blocks = {id(p) for block in self._seq.blocks
-                         for p in block.parameters()}
-            params = [p for p in self.model.backbone.parameters()
-                      if id(p) not in in_blocks] + params
+        # found once (a walk over the modules per step and module is host
+        # work a GPU step waits for); parameter objects stay the same in
+        # training, as the optimizer assumes. requires_grad is read each time
+        found = self.__dict__.setdefault('_module_params_found', {})
+        params = found.get(k)
+        if params is None:
+            start, end = self.module_ranges[k]
+            params = [p for block in self._seq.blocks[start:end]
+                      for p in block.parameters()]
+            if k == 0:
+                in_blocks = {id(p) for block in self._seq.blocks
+                             for p in block.parameters()}
+                params = [p for p in self.model.backbone.parameters()
+                          if id(p) not in in_blocks] + params
+            found[k] = params
         return [p for p in params if p.requires_grad]
 
     def _train_cascade_modules(self, inputs, data_samples, optim_wrapper,
