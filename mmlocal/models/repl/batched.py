@@ -484,13 +484,14 @@ class BatchedSynthesis:
         return out
 
     def _gather_layout(self):
-        """``(inputs, layout, aliased, owners)`` of :class:`_GatherSources`
+        """``(inputs, layout, aliased, owners, sizes)`` of
+        :class:`_GatherSources`
         for :meth:`shared_sources`: kept between steps unless a source is
         computed (projected), again after :meth:`reset` or a move."""
         cached = self._gather_plan
         if cached is not None:
             key, out = cached
-            inputs, _, aliased, _ = out
+            inputs, _, aliased, _, _ = out
             if key == (inputs[0].dtype, inputs[0].device) and \
                     all(inputs[i].requires_grad for i in aliased):
                 return out
@@ -507,7 +508,9 @@ class BatchedSynthesis:
             layout.append(i)
         aliased = tuple(i for i, o in enumerate(owners)
                         if o is not None and inputs[i].requires_grad)
-        out = (inputs, tuple(layout), aliased, owners)
+        # the size of each piece of the flat buffer (split in backward)
+        sizes = tuple(inputs[i].numel() for i in layout)
+        out = (inputs, tuple(layout), aliased, owners, sizes)
         projected = any(how == PROJ for rep in self.reps
                         for rule in rep.rules.values()
                         for how in RULE_SOURCES.get(rule, ()))
@@ -537,11 +540,12 @@ class BatchedSynthesis:
                 for b in rep._neighbours if b is not None):
             yield
             return
-        inputs, layout, aliased, owners = self._gather_layout()
+        inputs, layout, aliased, owners, sizes = self._gather_layout()
         if not aliased:
             yield
             return
-        flat, *aliases = _GatherSources.apply(layout, aliased, *inputs)
+        flat, *aliases = _GatherSources.apply((layout, sizes), aliased,
+                                              *inputs)
         swapped = []
         try:
             for i, alias in zip(aliased, aliases):
@@ -645,13 +649,15 @@ class BatchedSynthesis:
 
 class _GatherSources(torch.autograd.Function):
     """``(flat, *aliases)``: the concatenated source buffer of the batched
-    synthesis (``layout``: the input of each piece, in order) and an alias
+    synthesis (``layout``: the input of each piece, in order, ``sizes``:
+    their numels) and an alias
     (a view) of each input of ``aliased``. In backward each input's
     gradient is its alias's gradient plus that of its pieces, added for all
     inputs at once (one ``foreach`` op per number of terms)."""
 
     @staticmethod
-    def forward(ctx, layout, aliased, *inputs):
+    def forward(ctx, layout_sizes, aliased, *inputs):
+        layout, ctx.sizes = layout_sizes
         ctx.layout, ctx.aliased = layout, aliased
         ctx.shapes = [t.shape for t in inputs]
         ctx.needs = [t.requires_grad for t in inputs]
@@ -666,8 +672,7 @@ class _GatherSources(torch.autograd.Function):
             if g is not None:
                 terms[i].append(g)
         if flat_grad is not None:
-            pieces = flat_grad.split(
-                [_numel(ctx.shapes[i]) for i in ctx.layout])
+            pieces = flat_grad.split(ctx.sizes)
             for i, g in zip(ctx.layout, pieces):
                 terms[i].append(g.view(ctx.shapes[i]))
         grads = [t[0] if t and need else None
