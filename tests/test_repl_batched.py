@@ -304,3 +304,81 @@ def test_kept_lists_follow_a_dtype_move():
     assert engine._param_leaves[1] is not kept[0]
     assert all(t.dtype == torch.float64 for t in engine._param_leaves[1])
     assert all(t.dtype == torch.float64 for t in engine._gather_plan[1][0])
+
+
+@pytest.mark.parametrize('backbone, transform, min_classes', [
+    (R50_MMDET, LOWRANK, None),  # 6 conv shapes, folded norms (scaled)
+    (R18, CHANNEL, None),  # 4 conv shapes, 3x3 kernels
+    (VIT, LOWRANK, 2),  # fc1 and fc2, no folding (unscaled)
+])
+def test_tiled_group_equals_per_class_calls(backbone, transform,
+                                            min_classes, monkeypatch):
+    """Every conv class of the backbone in one tiled call (_TiledMix):
+    the per-class batched calls' outputs, gradients and statistics, with
+    fewer kernels per step."""
+    import mmlocal.models.repl.batched as batched
+    if min_classes is not None:
+        monkeypatch.setattr(batched, 'MIN_TILED_CLASSES', min_classes)
+    models = []
+    for max_tiles in (0, batched.MAX_TILES):  # 0: no tiled group
+        monkeypatch.setattr(batched, 'MAX_TILES', max_tiles)
+        m = repl(backbone, interval=2, transform=transform)
+        randomize(m)
+        m.double().train()
+        for norm in m.modules():  # randomize set them: no calibration pass
+            setattr(norm, STATS_READY, True)
+        models.append(m)
+    per_class, tiled = (m.engine for m in models)
+    assert per_class.tile is None
+    matrix = [ci for ci, c in enumerate(tiled.classes) if not c[0].vector]
+    assert tiled.tile['group'] == tuple(matrix) and len(matrix) >= 2
+    size = 32 if backbone is VIT else 64
+    _compare_steps(models, steps=2, size=size)
+    counts = []
+    for m in models:
+        m.train()
+        x = _x(5, size)
+        outputs_loss(m(x)).backward()  # (the tiled index tensors exist)
+        with _Kernels() as counter:
+            outputs_loss(m(x)).backward()
+        counts.append(counter.ops)
+    # one set of ops instead of one per class (R50: ~13 per class)
+    assert counts[1] < counts[0] - (8 if len(matrix) > 2 else -2), counts
+
+
+def test_tiled_group_guards():
+    """The tiled group needs three matrix classes of one tiled transform
+    (a ViT's two, the scalar mix: one batched call per class)."""
+    assert repl(R50_MMDET, interval=2, transform=LOWRANK).engine.tile
+    assert repl(VIT, interval=2, transform=LOWRANK).engine.tile is None
+    assert repl(R18, interval=2, transform=SCALAR).engine.tile is None
+
+
+@pytest.mark.parametrize('transform', [LOWRANK, CHANNEL])
+def test_synthesis_ignores_autocast(transform):
+    """Under AMP (bf16 autocast here) the synthesis, folding and statistics
+    run in the parameters' dtype: the same synthesised weights as without
+    autocast (a bf16 low-rank product made the running statistics bf16,
+    which BN's statistics kernel refused), and a training step works."""
+    m = repl(R50_MMDET, interval=2, transform=transform)
+    randomize(m)
+    m.train()
+    for norm in m.modules():
+        setattr(norm, STATS_READY, True)
+    engine = m.engine
+    (_, ref), _ = engine._run()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        (_, amp), _ = engine._run()
+    for a, b in zip(amp[0] + [amp[2]], ref[0] + [ref[2]]):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    engine.reset()
+    x = _x(3, size=32).float()
+    for _ in range(2):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = m(x)
+        assert out[-1].dtype == torch.bfloat16
+        outputs_loss([o.float() for o in out]).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    assert all(torch.isfinite(norm.running_var).all() for norm in m.modules()
+               if isinstance(norm, torch.nn.BatchNorm2d))

@@ -223,7 +223,7 @@ class PartCounter:
 
 
 def count_mode(cfg, mode, input_shape, seed=0, parts=(),
-               fused_focal=False):
+               fused_focal=False, warmup=2):
     """``{'kernels', 'syncs', 'flops', 'top', 'parts'}`` of one
     ``train_step`` of ``mode``; ``parts``: name patterns of submodules whose
     forward kernels and FLOPs are reported (:class:`PartCounter`)."""
@@ -246,9 +246,10 @@ def count_mode(cfg, mode, input_shape, seed=0, parts=(),
         copy.deepcopy(
             cfg.get('optim_wrapper', None) or bm.FALLBACK_OPTIM_WRAPPER))
     shape = bm._check_shape(input_shape)
-    model.train_step(
-        bm.make_random_batch(shape, task, num_classes, seed=seed),
-        optim_wrapper)
+    for _ in range(warmup):
+        model.train_step(
+            bm.make_random_batch(shape, task, num_classes, seed=seed),
+            optim_wrapper)
     batch = bm.make_random_batch(shape, task, num_classes, seed=seed)
     counter = OpCounter()
     optimizer = optim_wrapper.optimizer
@@ -333,6 +334,11 @@ def parse_args(argv=None):
         'e.g. "aux_nets.*.*" for '
         'every child of every aux net of a LocalLearner, '
         '"backbone.backbone.layer3.*" for RepL blocks')
+    parser.add_argument(
+        '--warmup', type=int, default=2, metavar='N',
+        help='training steps before the counted one (default 2: a RepL '
+        'model calibrates its statistics on its first step and makes its '
+        'index tensors on the second; 1 gave the counts before 5 Dec 2026)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args(argv)
 
@@ -346,7 +352,8 @@ def main(argv=None):
             try:
                 rows[mode] = count_mode(
                     cfg, mode, args.input_shape, parts=args.parts,
-                    fused_focal=args.cuda_like_focal_loss)
+                    fused_focal=args.cuda_like_focal_loss,
+                    warmup=args.warmup)
             except bm.ModeUnavailable as exc:
                 print(f'{mode}: unavailable ({exc})')
     base = rows.get('stock', rows.get('e2e'))

@@ -52,6 +52,7 @@ path. The first training pass after a reset of the statistics runs the
 per-block path too (it calibrates them from the batch).
 """
 import contextlib
+import math
 
 import torch
 from torch._utils import _flatten_dense_tensors
@@ -59,6 +60,14 @@ from torch._utils import _flatten_dense_tensors
 from mmlocal.utils.compile import CompiledMethods, check_compile_option
 from .light import STATS_READY
 from .synthesis import OWN, PROJ, RULE_SOURCES, SAME, _module
+
+#: the most tiles (both sides) of a tiled group: its low-rank sum is a
+#: ``(2T)^2`` matrix (16 MiB in float32 at the limit)
+MAX_TILES = 2048
+#: the fewest matrix classes worth a tiled group (with two, e.g. a ViT's
+#: fc1 and fc2, the tiled call launches about as many kernels as the two
+#: batched calls: 263 vs 264 per tiny ViT step, and computes more)
+MIN_TILED_CLASSES = 3
 
 
 class _Item:
@@ -98,6 +107,7 @@ class BatchedSynthesis:
         self._cache = None
         self._pending = None
         self._zero_bufs = {}
+        self._tile_bufs = {}
         self._max_pad = 0
         self._shared = None
         # host work kept between steps (parameter objects are stable
@@ -165,7 +175,9 @@ class BatchedSynthesis:
             else:
                 key = (type(t), False, item.channels, item.cols, shapes)
             classes.setdefault(key, []).append(item)
-        self.classes = list(classes.values())
+        # vector classes first: the matrix classes are then one contiguous
+        # region of the gathered buffers (the tiled group, _plan_tiles)
+        self.classes = sorted(classes.values(), key=lambda c: not c[0].vector)
         # padded size of each class: (channels, cols)
         self.class_dims = [(max(i.channels for i in cls),
                             max(i.cols for i in cls))
@@ -218,20 +230,51 @@ class BatchedSynthesis:
         ])
         self.fold_meta = [(ci, start, n, self.classes[ci][0].channels)
                           for ci, (start, n) in self.fold_slices.items()]
+        self.fold_channels = [
+            self.reps[r].block.get_submodule(p).out_channels
+            for r, p, _ in self.folds
+        ]
+        # every matrix class in one tiled call where the transforms allow
+        # it (see _TiledMix); None: one batched call per class
+        self.tile = self._plan_tiles()
+        group = self.tile['group'] if self.tile else ()
+        # the parameter layout: (class, pair) in order; the tiled group's
+        # pairs last, pair-major over its classes (each pair of the group
+        # one contiguous region)
+        self.param_layout = [(ci, k) for ci, meta in enumerate(
+            self.class_meta) if ci not in group for k in range(len(meta[5]))]
+        if group:
+            self.param_layout += [(ci, k) for k in range(
+                len(self.class_meta[group[0]][5])) for ci in group]
         # sizes of the pieces the flat parameter / source buffers are split
         # into (one split each: slicing pieces one by one would give each a
-        # full-size gradient buffer in backward)
-        self.param_sizes = [
-            2 * n * _numel(shape)
-            for n, _, _, _, _, shapes in self.class_meta for _, shape in shapes
-        ]
-        self.param_part_start = [0]
-        for meta in self.class_meta:
-            self.param_part_start.append(self.param_part_start[-1] +
-                                         len(meta[5]))
+        # full-size gradient buffer in backward); the tiled group's
+        # parameters in one piece per kind (the coefficients, the low-rank
+        # factors) and its sources in one piece
+        def psize(ci, k):
+            n, shapes = self.class_meta[ci][0], self.class_meta[ci][5]
+            return 2 * n * _numel(shapes[k][1])
+
+        self.param_part = {}
+        self.param_sizes = []
+        for ci, k in self.param_layout:
+            if ci in group:
+                continue
+            self.param_part[(ci, k)] = len(self.param_sizes)
+            self.param_sizes.append(psize(ci, k))
+        if group:
+            self.param_sizes.append(sum(psize(ci, 0) for ci in group))
+            if self.tile['low_rank']:
+                self.param_sizes.append(
+                    sum(psize(ci, k) for ci in group for k in (1, 2)))
         self.source_sizes = [
-            2 * n * c * cols for n, c, cols, _, _, _ in self.class_meta
+            2 * n * c * cols for ci, (n, c, cols, _, _, _) in enumerate(
+                self.class_meta) if ci not in group
         ]
+        if group:
+            self.source_sizes.append(
+                sum(2 * self.class_meta[ci][0] * self.class_meta[ci][1] *
+                    self.class_meta[ci][2] for ci in group))
         # raw synthesised tensors handed to the blocks (all but the folded
         # ResNet convs); vectors are split out of each vector class
         self.raw_keys = []
@@ -246,10 +289,6 @@ class BatchedSynthesis:
                 self.raw_keys.extend(
                     (item.rep, item.tensors[0]) for item in cls)
         self.raw_index = {k: i for i, k in enumerate(self.raw_keys)}
-        self.fold_channels = [
-            self.reps[r].block.get_submodule(p).out_channels
-            for r, p, _ in self.folds
-        ]
         # positions of the folded norms' weights, then biases, in the
         # flattened [item, C, vector] output of the (padded) vector class
         self.fold_index = None
@@ -280,6 +319,117 @@ class BatchedSynthesis:
                 for r, _, norm in self.folds
             ]
         self.fold_class_sizes = [n * c for _, _, n, c in self.fold_meta]
+
+    def _plan_tiles(self):
+        """The tiled group (:class:`_TiledMix`): every matrix class in one
+        call, or None (one batched call per class).
+
+        The classes differ in ``(C_out, cols)`` (ResNet-50: six conv
+        shapes), so each would be its own batched call. A column-separable
+        transform maps column blocks independently and mixes rows only
+        through per-row coefficients and (low-rank) a reduction over the
+        rows: every item is cut into ``h x w`` tiles (``h``, ``w`` the
+        greatest common divisors of the classes' ``C_out`` and ``cols``),
+        each tile gets its rows' coefficients by a 0/1 matrix product and
+        the low-rank reduction is summed over the tiles of a column block
+        by another: the same values, in one set of ops for all classes.
+        Used for :class:`~.transforms.RepLChannelMix` and
+        :class:`~.transforms.RepLLowRankMix` (``tiled``) when there are
+        :data:`MIN_TILED_CLASSES` classes or more, all of one transform and
+        rank, all folded or none, and at most :data:`MAX_TILES` tiles.
+        """
+        group = [ci for ci, cls in enumerate(self.classes)
+                 if not cls[0].vector]
+        if len(group) < MIN_TILED_CLASSES:
+            return None
+        kinds = {
+            type(self.reps[self.classes[ci][0].rep].transforms[
+                self.classes[ci][0].tkey])
+            for ci in group
+        }
+        kind = getattr(next(iter(kinds)), 'tiled', None)
+        if len(kinds) != 1 or kind not in ('channel', 'low_rank'):
+            return None
+        low_rank = kind == 'low_rank'
+        r = 0
+        if low_rank:
+            ranks = {
+                shape[1:]
+                for ci in group for _, shape in self.class_meta[ci][5][1:]
+            }
+            if len(ranks) != 1 or len(next(iter(ranks))) != 1:
+                return None
+            r = next(iter(ranks))[0]
+        folded = [ci in self.fold_slices for ci in group]
+        if any(folded) and (not all(folded) or
+                            [m[0] for m in self.fold_meta] != group):
+            return None
+        meta = {ci: self.class_meta[ci][:3] for ci in group}  # n, c, cols
+        h = math.gcd(*(c for _, c, _ in meta.values()))
+        w = math.gcd(*(cols for _, _, cols in meta.values()))
+        if 2 * sum(n * (c // h) * (cols // w)
+                   for n, c, cols in meta.values()) > MAX_TILES:
+            return None
+        # offsets of each class in the group's source region and
+        # parameter regions ([2, n, C, ...]: prev side, then next side)
+        src_off, a_off, u_off, v_off = {}, {}, {}, {}
+        o = oa = ou = 0
+        for ci in group:
+            n, c, cols = meta[ci]
+            src_off[ci], a_off[ci] = o, oa
+            o += 2 * n * c * cols
+            oa += 2 * n * c
+        for off in (u_off, v_off):
+            for ci in group:
+                n, c, _ = meta[ci]
+                off[ci] = ou
+                ou += 2 * n * c * r
+        # the tiles of one side (item order, then row block, column
+        # block) and, per output row of w columns, its tile row
+        tiles, items, sizes = [], [], []
+        out_index = [0] * (o // 2 // w)
+        out_off = 0
+        for ci in group:
+            n, c, cols = meta[ci]
+            for i, item in enumerate(self.classes[ci]):
+                items.append(item)
+                sizes.append(c * cols)
+                for ri in range(c // h):
+                    for j in range(cols // w):
+                        t = len(tiles)
+                        tiles.append((ci, i, ri, j))
+                        for rho in range(h):
+                            out_index[(out_off + (ri * h + rho) * cols +
+                                       j * w) // w] = t * h + rho
+                out_off += c * cols
+        seg, keys, blk_a, blk_uv, blk_s = [], [], [], [], []
+        for side in (0, 1):
+            for ci, i, ri, j in tiles:
+                n, c, cols = meta[ci]
+                k = side * n + i  # the item's row in its class's [2n, ...]
+                base = src_off[ci] + k * c * cols + ri * h * cols + j * w
+                seg.extend((base + rho * cols) // w for rho in range(h))
+                keys.append((side, ci, i, j))
+                blk_a.append((a_off[ci] + k * c + ri * h) // h)
+        if low_rank:
+            for off in (u_off, v_off):
+                for side in (0, 1):
+                    for ci, i, ri, _ in tiles:
+                        n, c, _ = meta[ci]
+                        blk_uv.append((off[ci] + (side * n + i) * c * r +
+                                       ri * h * r) // (h * r))
+        if folded[0]:
+            for ci, i, ri, _ in tiles:
+                c = meta[ci][1]
+                blk_s.append((self.fold_slices[ci][0] + i * c + ri * h) // h)
+        ids = {key: v for v, key in enumerate(dict.fromkeys(keys))}
+        return dict(
+            group=tuple(group), low_rank=low_rank, folded=folded[0],
+            dims=(len(tiles), h, w, r), items=items, item_sizes=sizes,
+            seg=seg, out_index=out_index, blk_a=(blk_a, oa // h),
+            blk_uv=(blk_uv, ou // (h * r) if r else 0),
+            blk_s=(blk_s, sum(self.fold_channels) // h if folded[0] else 0),
+            keys=[ids[key] for key in keys])
 
     # ------------------------------------------------------- leaves
     def _leaves(self):
@@ -317,9 +467,10 @@ class BatchedSynthesis:
                 and cached[1][0] is like:
             return cached[1]
         params = []
-        for ci, cls in enumerate(self.classes):
+        for ci, k in self.param_layout:
+            cls = self.classes[ci]
             c, cols = self.class_dims[ci]
-            for pname in self.param_names[ci]:
+            for pname in self.param_names[ci][2 * k:2 * k + 2]:
                 for item in cls:
                     p = getattr(self.reps[item.rep].transforms[item.tkey],
                                 pname)
@@ -363,7 +514,7 @@ class BatchedSynthesis:
 
     # ------------------------------------------------------ compute
     def _compute(self, params, sources, means, variances, eps,
-                 fold_index=None):
+                 fold_index=None, tile_tensors=None):
         """Pure tensor computation.
 
         Returns:
@@ -380,14 +531,16 @@ class BatchedSynthesis:
             _flatten_dense_tensors(sources)
         p_parts = flat_p.split(self.param_sizes)
         s_parts = flat_s.split(self.source_sizes)
+        tile = self.tile
+        group = tile['group'] if tile else ()
 
         def run(ci, scale=None):
             n, c, cols, vector, batched, shapes = self.class_meta[ci]
-            k = self.param_part_start[ci]
             stacked = {}
-            for pair, shape in shapes:  # prev side's n, then next side's
-                stacked[pair] = p_parts[k].view((2 * n, ) + shape)
-                k += 1
+            for k, (pair, shape) in enumerate(shapes):
+                # prev side's n, then next side's
+                stacked[pair] = p_parts[self.param_part[(ci, k)]].view(
+                    (2 * n, ) + shape)
             if vector:  # [side, item, vector, C] -> [., C, vector]
                 out = batched(stacked,
                               s_parts[ci].view(2 * n, cols, c).transpose(1, 2))
@@ -397,10 +550,26 @@ class BatchedSynthesis:
                 return out.transpose(1, 2).reshape(n * cols, c)
             return batched(stacked, s_parts[ci].view(2 * n, c, cols), scale)
 
+        def run_group(scale=None):
+            """Every item of the tiled group, in class order."""
+            low_rank = tile['low_rank']
+            flat = _TiledMix.apply(s_parts[-1], p_parts[-1 - low_rank],
+                                   p_parts[-1] if low_rank else None, scale,
+                                   tile['dims'], *tile_tensors)
+            return [
+                t.view(item.shape)
+                for t, item in zip(flat.split(tile['item_sizes']),
+                                   tile['items'])
+            ]
+
         # the classes that are not folded first (the folds need the norms)
         outs, raw = {}, []
         for ci, (n, c, cols, vector, _, _) in enumerate(self.class_meta):
             if ci in self.fold_slices:
+                continue
+            if ci in group:  # not folded: the whole group once
+                if ci == group[0]:
+                    raw.extend(run_group())
                 continue
             out = outs[ci] = run(ci)
             if vector and not self.pad_vectors:
@@ -426,32 +595,48 @@ class BatchedSynthesis:
                 [torch.full_like(m, v) for m, v in zip(means, eps)])
             scale = gamma * torch.rsqrt(var + e)
         shift = torch.addcmul(beta, mean, scale, value=-1)
-        weights = []
-        # the transform and the fold's W * s in one call per conv class
-        for (ci, _, n, c), s in zip(self.fold_meta,
-                                    scale.split(self.fold_class_sizes)):
-            folded = run(ci, s.view(n, c))
-            # (one item: a view, no stack of one gradient in backward)
-            weights.extend(
-                t.view(item.shape)
-                for t, item in zip(folded.unbind(0) if n > 1 else [folded],
-                                   self.classes[ci]))
+        if group and group[0] in self.fold_slices:
+            # every conv of every class and the fold's W * s: one call
+            weights = run_group(scale)
+        else:
+            weights = []
+            # the transform and the fold's W * s in one call per conv class
+            for (ci, _, n, c), s in zip(self.fold_meta,
+                                        scale.split(self.fold_class_sizes)):
+                folded = run(ci, s.view(n, c))
+                # (one item: a view, no stack of one gradient in backward)
+                weights.extend(
+                    t.view(item.shape) for t, item in zip(
+                        folded.unbind(0) if n > 1 else [folded],
+                        self.classes[ci]))
         shifts = shift.split(self.fold_channels)
         return raw, (weights, shifts, scale, shift, beta, var, mean)
 
     def _run(self):
         leaves = self._leaves()
         stats = self._stats() if self.folds else ([], [], [])
+        like = leaves[0][0]
         index = None
         if self.fold_index is not None:
-            like = leaves[0][0]
             index = self._zero_bufs.get(('index', like.device))
             if index is None:
                 index = torch.tensor(self.fold_index, device=like.device)
                 self._zero_bufs[('index', like.device)] = index
-        # (eager unless compile_synthesis: mmlocal.utils.compile)
-        return self._compiler(self, '_compute', *leaves, *stats,
-                              index), leaves
+        tiles = None
+        if self.tile is not None:
+            key = (like.dtype, like.device)
+            tiles = self._tile_bufs.get(key)
+            if tiles is None:
+                tiles = self._tile_bufs[key] = _tile_tensors(
+                    self.tile, like.dtype, like.device)
+        # (eager unless compile_synthesis: mmlocal.utils.compile); in the
+        # parameters' own precision under AMP too: the convs cast the
+        # synthesised weights as they cast any weight, and the statistics
+        # stay in float32 (bf16 matrix products here made the running
+        # statistics bf16, which BN's statistics kernel refused)
+        with torch.autocast(like.device.type, enabled=False):
+            return self._compiler(self, '_compute', *leaves, *stats, index,
+                                  tiles), leaves
 
     # --------------------------------------------------- shared sources
     def _source_owners(self):
@@ -641,6 +826,7 @@ class BatchedSynthesis:
         state['_cache'] = None
         state['_pending'] = None
         state['_zero_bufs'] = {}
+        state['_tile_bufs'] = {}
         state['_param_leaves'] = None
         state['_gather_plan'] = None
         state['_pass_norms'] = None
@@ -692,6 +878,129 @@ class _GatherSources(torch.autograd.Function):
                 torch._foreach_add_([grads[i] for i in idx], more)
             level += 1
         return (None, None) + tuple(grads)
+
+
+def _tile_tensors(tile, dtype, device):
+    """The index and 0/1 matrices of a tiled group (made once per dtype
+    and device): ``(seg, seg_inv, out_index, out_inv, r_a, r_uv, r_s,
+    m)``, None where the group does not need one."""
+    def onehot(blocks):
+        rows, n = blocks
+        out = torch.zeros(len(rows), n, dtype=dtype, device=device)
+        out[torch.arange(len(rows), device=device),
+            torch.tensor(rows, dtype=torch.long, device=device)] = 1
+        return out
+
+    seg = torch.tensor(tile['seg'], dtype=torch.long, device=device)
+    out_index = torch.tensor(tile['out_index'], dtype=torch.long,
+                             device=device)
+    m = r_uv = r_s = None
+    if tile['low_rank']:
+        keys = torch.tensor(tile['keys'], device=device)
+        m = (keys[:, None] == keys[None, :]).to(dtype)
+        r_uv = onehot(tile['blk_uv'])
+    if tile['folded']:
+        r_s = onehot(tile['blk_s'])
+    return (seg, torch.argsort(seg), out_index, torch.argsort(out_index),
+            onehot(tile['blk_a']), r_uv, r_s, m)
+
+
+class _TiledMix(torch.autograd.Function):
+    r"""Every item of a tiled group (:meth:`BatchedSynthesis._plan_tiles`)
+    mixed, and scaled by its folded norm, in one set of ops.
+
+    Per tile ``t`` (``h x w``, of item ``i``, side ``s`` (prev, next),
+    rows ``R`` of the item, a column block):
+
+    .. math::  Y_t = \mathrm{diag}(s_R) \sum_{s} \big(\mathrm{diag}(a_R)
+               W_t + U_R \sum_{t' \sim t} V_{R'}^\top W_{t'}\big)
+
+    where ``t' ~ t`` are the tiles of the same item, side and column block
+    (the low-rank reduction over all the item's rows): for one item this
+    is ``diag(s) (A W^- + B W^+)``, the transform's formula, on the item's
+    columns ``[.., w)``. Inputs: ``src`` the group's gathered sources,
+    ``ab`` and ``uv`` its coefficients and low-rank factors (pair-major
+    regions), ``scale`` the folded norms' scales (or None); the rows of
+    ``w`` columns are permuted into tiles and back by ``seg`` and
+    ``out_index``, each tile's rows of the coefficients, factors and
+    scales are picked by the 0/1 matrices ``r_a``, ``r_uv``, ``r_s`` and
+    the reduction over ``t' ~ t`` is the product with ``m``. Forward 11
+    ops, backward 15 (hand-written: a permutation's gradient is the
+    inverse permutation, a pick's the transposed product; the tiles are
+    gathered again instead of being kept).
+    """
+
+    @staticmethod
+    def forward(ctx, src, ab, uv, scale, dims, seg, seg_inv, out_index,
+                out_inv, r_a, r_uv, r_s, m):
+        t, h, w, r = dims
+        tiles = src.view(-1, w).index_select(0, seg).view(2 * t, h, w)
+        a_t = torch.mm(r_a, ab.view(-1, h))
+        both = a_t.unsqueeze(-1) * tiles
+        u_t = v_t = low = None
+        if uv is not None:
+            uvt = torch.mm(r_uv, uv.view(-1, h * r)).view(4 * t, h, r)
+            u_t, v_t = uvt[:2 * t], uvt[2 * t:]
+            low = torch.bmm(v_t.transpose(1, 2), tiles)  # (2T, r, w)
+            low = torch.mm(m, low.view(2 * t, r * w)).view(2 * t, r, w)
+            both = torch.baddbmm(both, u_t, low)
+        out = torch.add(both[:t], both[t:])
+        s_t = None
+        if scale is not None:
+            s_t = torch.mm(r_s, scale.view(-1, h))
+            res = out * s_t.unsqueeze(-1)
+        else:
+            res = out
+        ctx.dims = dims
+        # the gathered buffer, not its tiled copy: the buffer is kept for
+        # backward anyway (the vector classes save views of it), the copy
+        # would double it; the backward tiles it again (one op)
+        ctx.save_for_backward(src, a_t, u_t, v_t, low, s_t,
+                              out if scale is not None else None, seg,
+                              seg_inv, out_inv, r_a, r_uv, r_s, m)
+        return res.view(-1, w).index_select(0, out_index).view(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (src, a_t, u_t, v_t, low, s_t, out, seg, seg_inv, out_inv, r_a,
+         r_uv, r_s, m) = ctx.saved_tensors
+        t, h, w, r = ctx.dims
+        need_src, need_ab, need_uv, need_scale = ctx.needs_input_grad[:4]
+        tiles = None
+        if need_uv or need_ab:
+            tiles = src.view(-1, w).index_select(0, seg).view(2 * t, h, w)
+        g = grad.reshape(-1, w).index_select(0, out_inv).view(t, h, w)
+        grad_src = grad_ab = grad_uv = grad_scale = None
+        if s_t is not None:
+            if need_scale:  # sum_j g * out, per tile row
+                gs = torch.bmm(g.view(t * h, 1, w), out.view(t * h, w, 1))
+                grad_scale = torch.mm(r_s.t(), gs.view(t, h)).view(-1)
+            # the output gradient for both sides, scaled, in one op
+            g2 = torch.mul(g.unsqueeze(0).expand(2, t, h, w),
+                           s_t.unsqueeze(-1))
+        else:
+            g2 = g.unsqueeze(0).expand(2, t, h, w).contiguous()
+        g2 = g2.view(2 * t, h, w)
+        glow = None
+        if u_t is not None and (need_uv or need_src):
+            glow = torch.bmm(u_t.transpose(1, 2), g2)
+            # (m is symmetric)
+            glow = torch.mm(m, glow.view(2 * t, r * w)).view(2 * t, r, w)
+        if need_uv:
+            buf = g2.new_empty(4 * t, h, r)
+            torch.bmm(g2, low.transpose(1, 2), out=buf[:2 * t])
+            torch.bmm(tiles, glow.transpose(1, 2), out=buf[2 * t:])
+            grad_uv = torch.mm(r_uv.t(), buf.view(4 * t, h * r)).view(-1)
+        if need_ab:  # sum_j g * W, per tile row
+            ga = torch.bmm(g2.view(2 * t * h, 1, w),
+                           tiles.view(2 * t * h, w, 1))
+            grad_ab = torch.mm(r_a.t(), ga.view(2 * t, h)).view(-1)
+        if need_src:
+            gt = a_t.unsqueeze(-1) * g2
+            if glow is not None:
+                gt = torch.baddbmm(gt, v_t, glow)
+            grad_src = gt.view(-1, w).index_select(0, seg_inv).view(-1)
+        return (grad_src, grad_ab, grad_uv, grad_scale) + (None, ) * 9
 
 
 class _Cache:

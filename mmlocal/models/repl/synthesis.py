@@ -19,6 +19,7 @@ Between forwards the attributes hold shape-only ``meta`` tensors (no
 storage): the synthesised operator exists only while the block's graph does,
 and a stale copy can never be used by mistake.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -413,6 +414,13 @@ class BlockReplacement(nn.Module):
                 (key, path, name)
             groups.setdefault(group, []).append((path, name))
         out = {}
+        # in the parameters' own precision under AMP too (the convs cast the
+        # synthesised weights as they cast any weight)
+        with _no_autocast(pairs):
+            self._map_groups(groups, pairs, out)
+        return {item: out[item] for item in self.synthesized}
+
+    def _map_groups(self, groups, pairs, out):
         for group, items in groups.items():
             transform = self.transforms[group[0]]
             if len(items) == 1:
@@ -427,7 +435,6 @@ class BlockReplacement(nn.Module):
                 # forward and weight gradients are right) -- ResNet-50's
                 # layer4 on a 32 px image in test_repl's exact-gradient test
                 out[item] = part.contiguous()
-        return {item: out[item] for item in self.synthesized}
 
     def light_tensors(self):
         """Every parameter the light layer uses: synthesised ones and the
@@ -552,3 +559,11 @@ def _build_transform(cfg, num_channels):
         return MODELS.build(cfg)
     except TypeError as exc:
         raise ValueError(f'transform={cfg!r}: {exc}') from exc
+
+
+def _no_autocast(pairs):
+    """Autocast off on the device of the (first) source tensor: the
+    synthesis, folding and statistics run in the parameters' dtype."""
+    for prev, _ in pairs.values():
+        return torch.autocast(prev.device.type, enabled=False)
+    return contextlib.nullcontext()

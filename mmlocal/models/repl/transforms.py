@@ -47,6 +47,10 @@ class BaseRepLTransform(nn.Module):
     #: mapped in the same ops; ``scale`` ``(n, C_out)``, if given,
     #: multiplies each output row (a norm folded into its conv)
     batched = None
+    #: ``'channel'`` or ``'low_rank'`` when :attr:`batched` is the
+    #: per-channel or the low-rank mix (the batched synthesis can then map
+    #: matrices of every shape in one tiled call); None otherwise
+    tiled = None
     #: parameter pairs ``(prev side, next side)`` of :attr:`batched`
     pairs = ()
 
@@ -136,6 +140,7 @@ class RepLChannelMix(BaseRepLTransform):
             self._per_channel(self.a, prev), prev)
 
     pairs = (('a', 'b'), )
+    tiled = 'channel'
 
     @classmethod
     def batched(cls, params, pn, scale=None):
@@ -199,6 +204,7 @@ class RepLLowRankMix(BaseRepLTransform):
         return out.reshape(prev.shape)
 
     pairs = (('a', 'b'), ('u_a', 'u_b'), ('v_a', 'v_b'))
+    tiled = 'low_rank'
 
     @classmethod
     def batched(cls, params, pn, scale=None):
