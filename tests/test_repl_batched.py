@@ -44,8 +44,9 @@ def _pair(backbone, **kwargs):
 
 def _compare_steps(models, steps=3, size=64, rel=1e-5):
     opts = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in models]
+    device = next(models[0].parameters()).device
     for step in range(steps):
-        x = _x(10 + step, size)
+        x = _x(10 + step, size).to(device)
         outs = [m(x) for m in models]
         for a, b in zip(*outs):
             assert_close(b, a.detach(), f'output {step}', rel=rel)
@@ -78,7 +79,7 @@ def _compare_steps(models, steps=3, size=64, rel=1e-5):
     for m in models:
         m.eval()
     with torch.no_grad():
-        outs = [m(_x(99, size)) for m in models]
+        outs = [m(_x(99, size).to(device)) for m in models]
     for a, b in zip(*outs):
         assert_close(b, a, 'eval output', rel=rel)
 
@@ -382,3 +383,22 @@ def test_synthesis_ignores_autocast(transform):
         assert p.grad is None or torch.isfinite(p.grad).all(), name
     assert all(torch.isfinite(norm.running_var).all() for norm in m.modules()
                if isinstance(norm, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_tiled_group_equals_per_class_calls_cuda(monkeypatch):
+    """The tiled call on CUDA (index_select permutations, 0/1 products,
+    bmm into a buffer's halves): the per-class calls' values, float64, two
+    SGD steps (run by tools/device/run_benchmarks.sh step E)."""
+    import mmlocal.models.repl.batched as batched
+    models = []
+    for max_tiles in (0, batched.MAX_TILES):
+        monkeypatch.setattr(batched, 'MAX_TILES', max_tiles)
+        m = repl(R50_MMDET, interval=2, transform=LOWRANK)
+        randomize(m)
+        m.double().cuda().train()
+        for norm in m.modules():
+            setattr(norm, STATS_READY, True)
+        models.append(m)
+    assert models[0].engine.tile is None and models[1].engine.tile
+    _compare_steps(models, steps=2)

@@ -24,7 +24,11 @@ tensors with the same formulas, batched:
 2. **transform**: one batched call per class, both neighbours in the same
    ops (:meth:`~.transforms.BaseRepLTransform.batched`: 2 ops for the scalar
    and per-channel mixes, 4 for the low-rank one, whatever ``n``; the
-   low-rank one has a hand-written backward of 7 ops);
+   low-rank one has a hand-written backward of 7 ops). The matrix classes
+   of the per-channel and low-rank mixes (ResNet-50: six conv shapes) are
+   one **tiled** call instead (:class:`_TiledMix`, from three classes
+   on): every matrix cut into equal ``h x w`` tiles, 11 ops forward and
+   15 backward for all of them;
 3. **fold** (ResNet light layer): every norm of every replaced block at
    once, ``s = gamma / sqrt(var + eps)``, ``b = beta - s mu`` over the
    concatenated vectors; ``W * s`` inside each conv class's transform
@@ -246,6 +250,7 @@ class BatchedSynthesis:
         if group:
             self.param_layout += [(ci, k) for k in range(
                 len(self.class_meta[group[0]][5])) for ci in group]
+
         # sizes of the pieces the flat parameter / source buffers are split
         # into (one split each: slicing pieces one by one would give each a
         # full-size gradient buffer in backward); the tiled group's
