@@ -245,3 +245,30 @@ def test_models_are_initialised_like_the_runner(configs):
     result = bm.run_mode(cfg, 'e2e', (1, 3, 64, 64), iters=1, warmup=0)
     # focal loss of an untrained, prior-initialised head: about 1.1
     assert result['loss'] is not None and result['loss'] < 10
+
+
+@pytest.mark.parametrize('task, pre, shape, seen', [
+    # mmseg pads to the crop size: a smaller --input-shape is measured at it
+    ('seg', dict(type='mmseg.SegDataPreProcessor', size=(64, 96)),
+     (2, 3, 32, 48), (2, 3, 64, 96)),
+    ('seg', dict(type='mmseg.SegDataPreProcessor', size_divisor=32),
+     (1, 3, 40, 70), (1, 3, 64, 96)),
+    ('det', dict(type='mmdet.DetDataPreprocessor', pad_size_divisor=32),
+     (2, 3, 80, 133), (2, 3, 96, 160)),
+    ('det', dict(type='mmdet.DetDataPreprocessor'), (1, 3, 80, 133),
+     (1, 3, 80, 133)),
+])
+def test_model_input_shape_is_what_the_preprocessor_makes(
+        task, pre, shape, seen):
+    """The tools report the shape the model computes on (the padded one),
+    the one the config's own data preprocessor produces."""
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmseg' if task == 'seg' else 'mmdet')
+    cfg = dict(data_preprocessor=pre)
+    assert bm.model_input_shape(cfg, shape) == seen
+    preprocessor = MODELS.build(pre)
+    batch = bm.make_random_batch(shape, task, num_classes=3)
+    assert tuple(preprocessor(batch, True)['inputs'].shape) == seen
+    text = bm.describe_input(cfg, shape)
+    assert text.startswith('x'.join(map(str, shape)))
+    assert ('padded to' in text) == (seen != shape)

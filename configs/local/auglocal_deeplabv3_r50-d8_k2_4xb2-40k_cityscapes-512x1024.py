@@ -5,7 +5,8 @@ _base_ = './infopro_deeplabv3_r50-d8_k2_4xb2-40k_cityscapes-512x1024.py'
 
 model = dict(
     # memory-balanced for this family's aux (copies of later blocks) by
-    # tools/analysis/plan_split.py (2x3x256x512); InfoPro's [12] made module 0
+    # tools/analysis/plan_split.py (asked for 2x3x256x512, padded to the
+    # 512x1024 crop by the data preprocessor); InfoPro's [12] made module 0
     # the peak
     split_points=[11],
     aux=dict(

@@ -257,6 +257,33 @@ def _check_shape(input_shape):
     return shape
 
 
+def model_input_shape(model_cfg, input_shape):
+    """``(N, C, H, W)`` of the images the model computes on: the data
+    preprocessor pads them to its ``size`` (mmseg configs: the crop size,
+    e.g. 512x1024 for Cityscapes) and to a multiple of its ``size_divisor``
+    (mmseg) or ``pad_size_divisor`` (mmdet). A smaller ``--input-shape``
+    of a segmentation config is measured at the crop size."""
+    n, c, h, w = _check_shape(input_shape)
+    pre = model_cfg.get('data_preprocessor') or {}
+    size = pre.get('size')
+    if size:
+        h, w = max(h, int(size[0])), max(w, int(size[1]))
+    div = pre.get('size_divisor') or pre.get('pad_size_divisor') or 1
+    h, w = -(-h // div) * div, -(-w // div) * div
+    return n, c, h, w
+
+
+def describe_input(model_cfg, input_shape):
+    """``'2x3x64x96'``, or ``'2x3x64x96 (padded to 2x3x512x1024)'`` where
+    the data preprocessor pads it (:func:`model_input_shape`)."""
+    shape = _check_shape(input_shape)
+    text = 'x'.join(map(str, shape))
+    seen = model_input_shape(model_cfg, shape)
+    if seen != shape:
+        text += f" (padded to {'x'.join(map(str, seen))})"
+    return text
+
+
 def make_random_batch(input_shape, task, num_classes, seed=0,
                       boxes_per_image=4, ignore_ratio=0.1):
     """A random batch in the format mmdet/mmseg data preprocessors expect.
@@ -575,8 +602,11 @@ def run_benchmark(cfg, modes=MODES, input_shape=None, iters=3, warmup=1,
 
     report = dict(
         config=source, task=task, num_classes=num_classes,
-        input_shape=list(input_shape), iters=iters, warmup=warmup,
-        device=str(device), method=PeakMemoryMeter(device).method,
+        input_shape=list(input_shape),
+        model_input_shape=list(model_input_shape(plain, input_shape)),
+        input=describe_input(plain, input_shape), iters=iters,
+        warmup=warmup, device=str(device),
+        method=PeakMemoryMeter(device).method,
         torch=torch.__version__, modes={})
     for mode in modes:
         if verbose:
@@ -607,6 +637,10 @@ def run_benchmark(cfg, modes=MODES, input_shape=None, iters=3, warmup=1,
 
 
 # ------------------------------------------------------------------- output
+def _shape(shape):
+    return 'x'.join(map(str, shape))
+
+
 def _ratio(x):
     return '-' if x is None else f'{x:.2f}x'
 
@@ -614,7 +648,7 @@ def _ratio(x):
 def format_table(report):
     lines = [
         f"config: {report['config']}  task: {report['task']}  "
-        f"input: {'x'.join(map(str, report['input_shape']))}",
+        f"input: {report.get('input') or _shape(report['input_shape'])}",
         f"device: {report['device']}  memory method: {report['method']}  "
         f"iters: {report['iters']} (warmup {report['warmup']})  "
         f"torch {report['torch']}",

@@ -62,12 +62,14 @@ from benchmark_memory import (  # noqa: E402
     build_train_model,
     default_input_shape,
     default_scope,
+    describe_input,
     detect_task,
     find_num_classes,
     is_local_learner,
     load_config,
     make_random_batch,
     mode_model_cfg,
+    model_input_shape,
     plain_model_cfg,
     sanitize_model_cfg)
 from mmlocal.utils.memory import PeakMemoryMeter, format_bytes  # noqa: E402
@@ -184,6 +186,7 @@ def run_flops(configs, input_shape, layer=None, verbose=True):
         row = dict(
             config=path,
             input_shape=list(input_shape),
+            model_input_shape=list(model_input_shape(plain, input_shape)),
             e2e_gflops=e2e / 1e9,
             repl_gflops=repl / 1e9,
             flops_ratio=repl / e2e,
@@ -191,7 +194,9 @@ def run_flops(configs, input_shape, layer=None, verbose=True):
             zero_cost_bound=1 - replaced / e2e)
         out.append(row)
         if verbose:
-            print(f"{osp.basename(path)}: e2e {row['e2e_gflops']:.1f} GFLOP, "
+            print(f"{osp.basename(path)} "
+                  f"[{describe_input(plain, input_shape)}]: "
+                  f"e2e {row['e2e_gflops']:.1f} GFLOP, "
                   f"RepL {row['repl_gflops']:.1f} ({row['flops_ratio']:.3f}x)"
                   f", replaced blocks {row['replaced_share']:.1%} of e2e "
                   f"(zero-cost bound {row['zero_cost_bound']:.3f}x)",
@@ -305,6 +310,8 @@ def run(configs,
             config=path,
             task=task,
             input_shape=list(shape),
+            model_input_shape=list(model_input_shape(plain, shape)),
+            input=describe_input(plain, shape),
             num_classes=find_num_classes(plain, task),
             layer=layer)
         key = json.dumps([
@@ -355,7 +362,7 @@ def format_table(report):
     rows = []
     for entry in report['results']:
         name = osp.basename(entry['config']).replace('.py', '')
-        shape = 'x'.join(map(str, entry['input_shape']))
+        shape = entry.get('input') or 'x'.join(map(str, entry['input_shape']))
         for mode in ('e2e', 'repl'):
             r = entry[mode]
             if not r.get('available'):

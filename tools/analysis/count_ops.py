@@ -356,6 +356,8 @@ def main(argv=None):
                     warmup=args.warmup)
             except bm.ModeUnavailable as exc:
                 print(f'{mode}: unavailable ({exc})')
+    plain = bm.plain_model_cfg(cfg)
+    print(f'input: {bm.describe_input(plain, args.input_shape)}')
     base = rows.get('stock', rows.get('e2e'))
     base_name = 'stock' if 'stock' in rows else 'e2e'
     print(f'| mode | kernels | vs {base_name} | host syncs | GFLOP | vs '

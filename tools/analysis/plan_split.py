@@ -43,9 +43,10 @@ import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 from benchmark_memory import (default_input_shape, default_scope,  # noqa
-                              detect_task, find_num_classes, is_local_learner,
-                              load_config, make_random_batch,
-                              plain_model_cfg, sanitize_model_cfg)
+                              describe_input, detect_task, find_num_classes,
+                              is_local_learner, load_config,
+                              make_random_batch, plain_model_cfg,
+                              sanitize_model_cfg)
 from mmlocal.models.local.balance import (balanced_split_points,  # noqa
                                           module_costs)
 from mmlocal.utils.memory import PeakMemoryMeter, format_bytes  # noqa: E402
@@ -202,6 +203,7 @@ def plan(cfg, input_shape=None, num_modules=None, device='cpu', seed=0):
                                      costs['stem'], span)
     report = dict(
         config=getattr(cfg, 'filename', None), input_shape=list(input_shape),
+        input=describe_input(plain, input_shape),
         num_modules=num_modules, span=span, costs=costs,
         fixed=costs['grads'] + costs['input'])
     if len(current_points) == num_modules - 1:
@@ -217,7 +219,8 @@ def format_report(report):
     mib = format_bytes
     lines = [
         f"config: {report['config']}  input: "
-        f"{'x'.join(map(str, report['input_shape']))}  "
+        f"{report.get('input') or 'x'.join(map(str, report['input_shape']))}"
+        "  "
         f"K={report['num_modules']}  cascade span={report['span']}",
         f"stem {mib(costs['stem'])}  neck+heads+loss {mib(costs['head'])}  "
         f"(+ parameter grads {mib(costs['grads'])} and input "

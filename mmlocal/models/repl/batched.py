@@ -65,9 +65,9 @@ from mmlocal.utils.compile import CompiledMethods, check_compile_option
 from .light import STATS_READY
 from .synthesis import OWN, PROJ, RULE_SOURCES, SAME, _module
 
-#: the most tiles (both sides) of a tiled group: its low-rank sum is a
-#: ``(2T)^2`` matrix (16 MiB in float32 at the limit)
-MAX_TILES = 2048
+#: the most tiles (both sides) of a tiled group (its 0/1 matrices grow
+#: with the tiles times the blocks or column blocks)
+MAX_TILES = 4096
 #: the fewest matrix classes worth a tiled group (with two, e.g. a ViT's
 #: fc1 and fc2, the tiled call launches about as many kernels as the two
 #: batched calls: 263 vs 264 per tiny ViT step, and computes more)
@@ -337,7 +337,7 @@ class BatchedSynthesis:
         greatest common divisors of the classes' ``C_out`` and ``cols``),
         each tile gets its rows' coefficients by a 0/1 matrix product and
         the low-rank reduction is summed over the tiles of a column block
-        by another: the same values, in one set of ops for all classes.
+        by two more: the same values, in one set of ops for all classes.
         Used for :class:`~.transforms.RepLChannelMix` and
         :class:`~.transforms.RepLLowRankMix` (``tiled``) when there are
         :data:`MIN_TILED_CLASSES` classes or more, all of one transform and
@@ -376,19 +376,14 @@ class BatchedSynthesis:
                    for n, c, cols in meta.values()) > MAX_TILES:
             return None
         # offsets of each class in the group's source region and
-        # parameter regions ([2, n, C, ...]: prev side, then next side)
-        src_off, a_off, u_off, v_off = {}, {}, {}, {}
-        o = oa = ou = 0
+        # coefficient region ([2, n, C, ...]: prev side, then next side)
+        src_off, a_off = {}, {}
+        o = oa = 0
         for ci in group:
             n, c, cols = meta[ci]
             src_off[ci], a_off[ci] = o, oa
             o += 2 * n * c * cols
             oa += 2 * n * c
-        for off in (u_off, v_off):
-            for ci in group:
-                n, c, _ = meta[ci]
-                off[ci] = ou
-                ou += 2 * n * c * r
         # the tiles of one side (item order, then row block, column
         # block) and, per output row of w columns, its tile row
         tiles, items, sizes = [], [], []
@@ -407,7 +402,7 @@ class BatchedSynthesis:
                             out_index[(out_off + (ri * h + rho) * cols +
                                        j * w) // w] = t * h + rho
                 out_off += c * cols
-        seg, keys, blk_a, blk_uv, blk_s = [], [], [], [], []
+        seg, keys, blk_a, blk_s = [], [], [], []
         for side in (0, 1):
             for ci, i, ri, j in tiles:
                 n, c, cols = meta[ci]
@@ -416,13 +411,8 @@ class BatchedSynthesis:
                 seg.extend((base + rho * cols) // w for rho in range(h))
                 keys.append((side, ci, i, j))
                 blk_a.append((a_off[ci] + k * c + ri * h) // h)
-        if low_rank:
-            for off in (u_off, v_off):
-                for side in (0, 1):
-                    for ci, i, ri, _ in tiles:
-                        n, c, _ = meta[ci]
-                        blk_uv.append((off[ci] + (side * n + i) * c * r +
-                                       ri * h * r) // (h * r))
+        # (the u and v regions have the coefficient region's layout with
+        # r columns per channel: a tile's block is the same in all three)
         if folded[0]:
             for ci, i, ri, _ in tiles:
                 c = meta[ci][1]
@@ -432,9 +422,8 @@ class BatchedSynthesis:
             group=tuple(group), low_rank=low_rank, folded=folded[0],
             dims=(len(tiles), h, w, r), items=items, item_sizes=sizes,
             seg=seg, out_index=out_index, blk_a=(blk_a, oa // h),
-            blk_uv=(blk_uv, ou // (h * r) if r else 0),
             blk_s=(blk_s, sum(self.fold_channels) // h if folded[0] else 0),
-            keys=[ids[key] for key in keys])
+            groups=([ids[key] for key in keys], len(ids)))
 
     # ------------------------------------------------------- leaves
     def _leaves(self):
@@ -887,8 +876,8 @@ class _GatherSources(torch.autograd.Function):
 
 def _tile_tensors(tile, dtype, device):
     """The index and 0/1 matrices of a tiled group (made once per dtype
-    and device): ``(seg, seg_inv, out_index, out_inv, r_a, r_uv, r_s,
-    m)``, None where the group does not need one."""
+    and device): ``(seg, seg_inv, out_index, out_inv, r_a, r_s, s)``,
+    None where the group does not need one."""
     def onehot(blocks):
         rows, n = blocks
         out = torch.zeros(len(rows), n, dtype=dtype, device=device)
@@ -896,18 +885,17 @@ def _tile_tensors(tile, dtype, device):
             torch.tensor(rows, dtype=torch.long, device=device)] = 1
         return out
 
-    seg = torch.tensor(tile['seg'], dtype=torch.long, device=device)
-    out_index = torch.tensor(tile['out_index'], dtype=torch.long,
+    # (int32: index_select takes it, half the bytes of int64)
+    seg = torch.tensor(tile['seg'], dtype=torch.int32, device=device)
+    out_index = torch.tensor(tile['out_index'], dtype=torch.int32,
                              device=device)
-    m = r_uv = r_s = None
-    if tile['low_rank']:
-        keys = torch.tensor(tile['keys'], device=device)
-        m = (keys[:, None] == keys[None, :]).to(dtype)
-        r_uv = onehot(tile['blk_uv'])
+    r_s = s = None
+    if tile['low_rank']:  # (groups x tiles): the tiles of each group
+        s = onehot(tile['groups']).t().contiguous()
     if tile['folded']:
         r_s = onehot(tile['blk_s'])
-    return (seg, torch.argsort(seg), out_index, torch.argsort(out_index),
-            onehot(tile['blk_a']), r_uv, r_s, m)
+    return (seg, torch.argsort(seg).int(), out_index,
+            torch.argsort(out_index).int(), onehot(tile['blk_a']), r_s, s)
 
 
 class _TiledMix(torch.autograd.Function):
@@ -928,26 +916,31 @@ class _TiledMix(torch.autograd.Function):
     regions), ``scale`` the folded norms' scales (or None); the rows of
     ``w`` columns are permuted into tiles and back by ``seg`` and
     ``out_index``, each tile's rows of the coefficients, factors and
-    scales are picked by the 0/1 matrices ``r_a``, ``r_uv``, ``r_s`` and
-    the reduction over ``t' ~ t`` is the product with ``m``. Forward 11
-    ops, backward 15 (hand-written: a permutation's gradient is the
-    inverse permutation, a pick's the transposed product; the tiles are
-    gathered again instead of being kept).
+    scales are picked by the 0/1 matrices ``r_a`` (the coefficients and,
+    for both factors in one batched product, the low-rank factors: their
+    regions share the layout) and ``r_s``, and the reduction over
+    ``t' ~ t`` is a product with the ``(groups x tiles)`` 0/1 matrix ``s``
+    and one with its transpose. Forward 12 ops, backward 16 (hand-written:
+    a permutation's gradient is the inverse permutation, a pick's the
+    transposed product; the tiles are gathered again instead of being
+    kept).
     """
 
     @staticmethod
     def forward(ctx, src, ab, uv, scale, dims, seg, seg_inv, out_index,
-                out_inv, r_a, r_uv, r_s, m):
+                out_inv, r_a, r_s, s):
         t, h, w, r = dims
         tiles = src.view(-1, w).index_select(0, seg).view(2 * t, h, w)
         a_t = torch.mm(r_a, ab.view(-1, h))
         both = a_t.unsqueeze(-1) * tiles
         u_t = v_t = low = None
         if uv is not None:
-            uvt = torch.mm(r_uv, uv.view(-1, h * r)).view(4 * t, h, r)
+            uvt = torch.bmm(r_a.expand((2, ) + r_a.shape),
+                            uv.view(2, -1, h * r)).view(4 * t, h, r)
             u_t, v_t = uvt[:2 * t], uvt[2 * t:]
             low = torch.bmm(v_t.transpose(1, 2), tiles)  # (2T, r, w)
-            low = torch.mm(m, low.view(2 * t, r * w)).view(2 * t, r, w)
+            low = torch.mm(s.t(), torch.mm(s, low.view(2 * t, r * w)))
+            low = low.view(2 * t, r, w)
             both = torch.baddbmm(both, u_t, low)
         out = torch.add(both[:t], both[t:])
         s_t = None
@@ -962,13 +955,13 @@ class _TiledMix(torch.autograd.Function):
         # would double it; the backward tiles it again (one op)
         ctx.save_for_backward(src, a_t, u_t, v_t, low, s_t,
                               out if scale is not None else None, seg,
-                              seg_inv, out_inv, r_a, r_uv, r_s, m)
+                              seg_inv, out_inv, r_a, r_s, s)
         return res.view(-1, w).index_select(0, out_index).view(-1)
 
     @staticmethod
     def backward(ctx, grad):
         (src, a_t, u_t, v_t, low, s_t, out, seg, seg_inv, out_inv, r_a,
-         r_uv, r_s, m) = ctx.saved_tensors
+         r_s, s) = ctx.saved_tensors
         t, h, w, r = ctx.dims
         need_src, need_ab, need_uv, need_scale = ctx.needs_input_grad[:4]
         tiles = None
@@ -989,13 +982,15 @@ class _TiledMix(torch.autograd.Function):
         glow = None
         if u_t is not None and (need_uv or need_src):
             glow = torch.bmm(u_t.transpose(1, 2), g2)
-            # (m is symmetric)
-            glow = torch.mm(m, glow.view(2 * t, r * w)).view(2 * t, r, w)
+            glow = torch.mm(s.t(), torch.mm(s, glow.view(2 * t, r * w)))
+            glow = glow.view(2 * t, r, w)
         if need_uv:
             buf = g2.new_empty(4 * t, h, r)
             torch.bmm(g2, low.transpose(1, 2), out=buf[:2 * t])
             torch.bmm(tiles, glow.transpose(1, 2), out=buf[2 * t:])
-            grad_uv = torch.mm(r_uv.t(), buf.view(4 * t, h * r)).view(-1)
+            picks = r_a.t()
+            grad_uv = torch.bmm(picks.expand((2, ) + picks.shape),
+                                buf.view(2, 2 * t, h * r)).view(-1)
         if need_ab:  # sum_j g * W, per tile row
             ga = torch.bmm(g2.view(2 * t * h, 1, w),
                            tiles.view(2 * t * h, w, 1))
@@ -1005,7 +1000,7 @@ class _TiledMix(torch.autograd.Function):
             if glow is not None:
                 gt = torch.baddbmm(gt, v_t, glow)
             grad_src = gt.view(-1, w).index_select(0, seg_inv).view(-1)
-        return (grad_src, grad_ab, grad_uv, grad_scale) + (None, ) * 9
+        return (grad_src, grad_ab, grad_uv, grad_scale) + (None, ) * 8
 
 
 class _Cache:
