@@ -27,8 +27,8 @@ tensors with the same formulas, batched:
    low-rank one has a hand-written backward of 7 ops). The matrix classes
    of the per-channel and low-rank mixes (ResNet-50: six conv shapes) are
    one **tiled** call instead (:class:`_TiledMix`, from three classes
-   on): every matrix cut into equal ``h x w`` tiles, 11 ops forward and
-   15 backward for all of them;
+   on): every matrix cut into equal ``h x w`` tiles, 12 ops forward and
+   16 backward for all of them;
 3. **fold** (ResNet light layer): every norm of every replaced block at
    once, ``s = gamma / sqrt(var + eps)``, ``b = beta - s mu`` over the
    concatenated vectors; ``W * s`` inside each conv class's transform
