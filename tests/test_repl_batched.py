@@ -402,3 +402,38 @@ def test_tiled_group_equals_per_class_calls_cuda(monkeypatch):
         models.append(m)
     assert models[0].engine.tile is None and models[1].engine.tile
     _compare_steps(models, steps=2)
+
+
+def test_in_place_change_between_blocks_recomputes():
+    """A parameter or statistic that a later replaced block depends on,
+    changed in place during the forward pass (after the batched tensors
+    were made at the first replaced block), is seen by that block, as on
+    the per-block path; the kept dependency lists (the parameters
+    themselves, not shared_sources' aliases) notice it."""
+    models = _pair(R50_MMDET, transform=LOWRANK)
+    outs = []
+    for m in models:
+        for norm in m.modules():
+            setattr(norm, STATS_READY, True)
+        reps = list(m.replacements.values())
+        later = reps[-1]
+        trigger = reps[0].next_block  # runs after the first replaced block
+        tensors = [next(later.transforms.parameters()),
+                   later.block.norm3.running_var]
+        neighbour = later.prev_block.conv1.weight
+
+        def change(module, args, output, tensors=tensors, neighbour=neighbour):
+            with torch.no_grad():
+                for t in tensors:
+                    t.mul_(1.5)
+                neighbour.add_(0.01)
+
+        handle = trigger.register_forward_hook(change)
+        for _ in range(2):  # the second pass uses the kept lists
+            out = m(_x(4))
+            outputs_loss(out).backward()
+        handle.remove()
+        outs.append(out)
+    for a, b in zip(*outs):
+        assert_close(b, a.detach(), 'output', rel=1e-5)
+    _compare_steps(models, steps=1)

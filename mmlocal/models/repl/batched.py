@@ -121,6 +121,7 @@ class BatchedSynthesis:
         self._param_leaves = None
         self._gather_plan = None
         self._pass_norms = None
+        self._dep_lists = None
         self.reason = self._unsupported()
         if self.reason is None:
             self._plan()
@@ -474,6 +475,7 @@ class BatchedSynthesis:
                             self._zeros(p, (c - p.shape[0]) *
                                         (p.numel() // p.shape[0])))
         self._param_leaves = ((like.dtype, like.device), params)
+        self._dep_lists = None  # (parameters moved or replaced)
         return params
 
     def _zeros(self, like, n):
@@ -490,6 +492,26 @@ class BatchedSynthesis:
             self._zero_bufs = {key: buf}  # views of an older buffer: gone
         view = self._zero_bufs[key + (n, )] = buf[:n]
         return view
+
+    def _dependency_lists(self):
+        """Per replaced block, the leaves its tensors depend on: its
+        transforms' and projections' parameters, the neighbour parameters
+        it reads and its folded norms' statistics. Kept like the parameter
+        list (host work: no module walk per step); the neighbours'
+        parameters themselves, also when found inside
+        :meth:`shared_sources` (an alias shares its parameter's version
+        counter)."""
+        if self._dep_lists is None:
+            lists = {}
+            for r, rep in enumerate(self.reps):
+                lists[r] = [
+                    t if t._base is None else t._base
+                    for t in _dependencies(rep)
+                ]
+            for (r, _, _), norm in zip(self.folds, self._norms()):
+                lists[r].extend((norm.running_mean, norm.running_var))
+            self._dep_lists = lists
+        return self._dep_lists
 
     def _norms(self):
         """The folded norm modules, looked up once per forward pass."""
@@ -805,6 +827,7 @@ class BatchedSynthesis:
         self._param_leaves = None
         self._gather_plan = None
         self._pass_norms = None
+        self._dep_lists = None
 
     def mark_ran(self, cache, fold):
         if self._pending is None:
@@ -824,6 +847,7 @@ class BatchedSynthesis:
         state['_param_leaves'] = None
         state['_gather_plan'] = None
         state['_pass_norms'] = None
+        state['_dep_lists'] = None
         return state
 
 
@@ -1015,7 +1039,9 @@ class _Cache:
         self.raw = raw
         # what each rep's tensors depend on (leaves), to notice in-place
         # changes (an optimizer step, a load) before the cache is used
-        deps = {r: _dependencies(rep) for r, rep in enumerate(engine.reps)}
+        self.deps = engine._dependency_lists()
+        self.versions = {r: [t._version for t in ts]
+                         for r, ts in self.deps.items()}
         self.fold = fold is not None
         watched = list(raw)
         if self.fold:
@@ -1024,12 +1050,8 @@ class _Cache:
             watched.append(self.scale)
             self.mean, self.var = mean, var
             self.means, self.vars, _ = engine._stats()
-            self.counts = []
-            for (r, path, norm_path), norm in zip(engine.folds,
-                                                  engine._norms()):
-                self.counts.append(norm.num_batches_tracked)
-                deps.setdefault(r, []).extend(
-                    (norm.running_mean, norm.running_var))
+            self.counts = [norm.num_batches_tracked
+                           for norm in engine._norms()]
             with torch.no_grad():
                 s = self.scale.detach()
                 # y = s z + b: the output-space running mean is beta, the
@@ -1039,8 +1061,6 @@ class _Cache:
                 self.aux = list(
                     zip(self.aux_mean.split(engine.fold_channels),
                         self.aux_var.split(engine.fold_channels)))
-        self.deps = {r: [(t, t._version) for t in ts]
-                     for r, ts in deps.items()}
         if self.grad:
             # a backward through them frees their graph: recompute after
             for t in watched:
@@ -1055,7 +1075,9 @@ class _Cache:
         if self.stale or r in self.used or \
                 self.grad != torch.is_grad_enabled():
             return False
-        return all(t._version == v for t, v in self.deps.get(r, ()))
+        deps = self.deps.get(r)
+        return deps is None or [t._version for t in deps] == \
+            self.versions[r]
 
     def tensors(self, r):
         return {
